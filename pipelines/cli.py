@@ -1,0 +1,102 @@
+"""The `freezetune` command line. Each subcommand imports its own module lazily so `--help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+
+
+def _strategy_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("strategy (see `freezetune plan --help`; same keys as the `strategy:` section of a config)")
+    g.add_argument("--strategy", default="full", help="full, feature_extraction, top_k, progressive, connector_only (A), "
+                   "connector_llm_lora (B), all_lora (C), vision_frozen_llm_full (D)")
+    g.add_argument("--lr", type=float, help="base learning rate (default 2e-5)")
+    g.add_argument("--vision-lr", type=float, help="vision encoder LR (default: --lr)")
+    g.add_argument("--connector-lr", type=float, help="connector LR (default: --lr)")
+    g.add_argument("--llm-lr", type=float, help="language model + head LR (default: --lr)")
+    g.add_argument("--layer-decay", type=float, help="discriminative LR decay per block, in (0, 1]")
+    g.add_argument("--top-k", type=int, help="top_k: blocks to train")
+    g.add_argument("--layers-per-epoch", type=int, help="progressive: blocks thawed per epoch")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--lora-r", type=int)
+    g.add_argument("--lora-alpha", type=float)
+    g.add_argument("--lora-targets", help="attention | all | comma-separated layer names")
+    g.add_argument("--train-embeddings", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--parts", action="append", default=[], metavar="KEY=PATH",
+                   help="override detected parts, e.g. language_blocks=model.layers (repeatable)")
+
+
+def _strategy_dict(a: argparse.Namespace) -> dict:
+    keys = ["lr", "vision_lr", "connector_lr", "llm_lr", "layer_decay", "top_k", "layers_per_epoch",
+            "weight_decay", "lora_r", "lora_alpha", "train_embeddings"]
+    out = {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
+    out["name"] = a.strategy
+    if a.lora_targets:
+        out["lora_targets"] = a.lora_targets if a.lora_targets in ("attention", "all") else a.lora_targets.split(",")
+    if a.parts:
+        parts: dict = {}
+        for item in a.parts:
+            key, _, path = item.partition("=")
+            if not path:
+                raise ValueError(f"--parts {item!r}: use KEY=PATH, e.g. --parts language_blocks=model.layers")
+            if key in ("connector", "head"):
+                parts.setdefault(key, []).append(path)
+            else:
+                parts[key] = path
+        out["parts"] = parts
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="freezetune", description=__doc__.split("\n")[0].strip("`. ").replace("The ", "", 1),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="what a strategy trains on a model, its param groups and memory")
+    p.add_argument("--model", required=True, help="built-in preset (tiny-llama, tiny-llava, ...) or a local model folder")
+    p.add_argument("--epoch", type=int, default=1, help="1-based epoch (progressive unfreezing)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _strategy_args(p)
+
+    p = sub.add_parser("strategies", help="every applicable strategy side by side")
+    p.add_argument("--model", required=True)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per strategy")
+    _strategy_args(p)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("plan", "strategies"):
+        from . import plan_view
+
+        strategy = _strategy_dict(args)
+        if args.command == "plan":
+            summary = plan_view.plan_summary(args.model, strategy, args.epoch, args.precision, args.trust_remote_code)
+            print(json.dumps(summary) if args.json else plan_view.render_plan(summary))
+        else:
+            strategy.pop("name")
+            summaries = plan_view.applicable_summaries(args.model, strategy, args.precision, args.trust_remote_code)
+            print(json.dumps(summaries) if args.json else plan_view.render_strategies(summaries))
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        sys.exit(run(argv))
+    except EXPECTED_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"freezetune: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

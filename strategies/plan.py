@@ -1,0 +1,222 @@
+"""A plan: the answer of a strategy for one model.
+
+``build_plan(model, config)`` finds the parts, wraps LoRA where the strategy
+asks for it, and returns a :class:`Plan` that
+
+- applies ``requires_grad`` for an epoch (``plan.apply(epoch)``),
+- yields AdamW param groups (name, lr, weight_decay) holding every parameter
+  that will *ever* train, so one optimizer serves a whole progressive run
+  (AdamW skips parameters whose ``.grad is None`` and creates their state
+  lazily, so not-yet-thawed blocks cost nothing and thawed ones keep theirs),
+- describes itself for people and scripts (``plan.summary()``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from torch import nn
+
+from .config import StrategyConfig, StrategyConfigError
+from .lora import lora_target_modules
+from .memory import estimate_memory
+from .parts import PART_NAMES, ModelParts, find_parts, part_of_unit, unit_sort_key
+from .registry import Strategy, get_strategy, trainable_units
+
+
+@dataclass
+class GroupSpec:
+    """One optimizer param group, before it holds tensors."""
+
+    name: str
+    lr: float
+    weight_decay: float
+    param_names: list[str]
+
+    @property
+    def public(self) -> dict:
+        return {"name": self.name, "lr": self.lr, "weight_decay": self.weight_decay}
+
+
+class Plan:
+    def __init__(self, model: nn.Module, parts: ModelParts, config: StrategyConfig, strategy: Strategy,
+                 adapter_names: set[str], lora_targets: list[str]):
+        self.model = model
+        self.parts = parts
+        self.config = config
+        self.strategy = strategy
+        self.adapter_names = adapter_names  # LoRA parameters (peft marks exactly these trainable)
+        self.lora_targets = lora_targets
+
+    # --- what trains -------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        return self.strategy.num_stages(self.parts, self.config)
+
+    def units_at(self, epoch: int = 1) -> set[str]:
+        """Units trained with all their weights at a 1-based epoch."""
+        return trainable_units(self.strategy, self.parts, self.config, epoch)
+
+    def trainable_names(self, epoch: int = 1) -> list[str]:
+        units = self.units_at(epoch)
+        return [n for n, u in self.parts.unit_of.items() if u in units or n in self.adapter_names]
+
+    @cached_property
+    def ever_trainable_names(self) -> list[str]:
+        """Everything that trains at some epoch: the optimizer holds exactly these."""
+        return self.trainable_names(self.num_stages)
+
+    def apply(self, epoch: int = 1) -> bool:
+        """Set ``requires_grad`` for ``epoch``; True when the trainable set changed."""
+        wanted = set(self.trainable_names(epoch))
+        changed = False
+        for name, param in self.model.named_parameters():
+            flag = name in wanted
+            if param.requires_grad != flag:
+                param.requires_grad_(flag)
+                changed = True
+        return changed
+
+    def count_trainable(self, epoch: int = 1) -> int:
+        return sum(self.parts.numel[n] for n in self.trainable_names(epoch))
+
+    # --- learning rates ----------------------------------------------------
+    def unit_lr(self, unit: str) -> float:
+        """Per-part LR with discriminative decay: block l of L gets base * decay**(L-1-l)."""
+        lrs, decay = self.config.part_lrs, self.config.layer_decay
+        bits = unit.split(".")
+        part = bits[0]
+        if part == "vision":
+            base, depth = lrs["vision"], self.parts.num_vision_layers
+        elif part in ("language", "embeddings", "head"):
+            base, depth = lrs["language"], self.parts.num_layers
+        else:
+            return lrs[part if part in lrs else "other"]
+        if len(bits) == 3:  # x.block.i
+            return base * decay ** (depth - 1 - int(bits[2]))
+        if unit in ("embeddings", "vision.embeddings"):
+            return base * decay**depth
+        return base  # final norms and head sit on top
+
+    def no_weight_decay(self, name: str) -> bool:
+        return name.endswith(".bias") or name in self.parts.norm_params
+
+    def group_specs(self) -> list[GroupSpec]:
+        """Param groups over every parameter that will ever train, bottom-up."""
+        per_unit = self.config.layer_decay < 1
+        groups: dict[tuple[str, bool], GroupSpec] = {}
+        names = sorted(self.ever_trainable_names, key=lambda n: unit_sort_key(self.parts.unit_of[n]))
+        for name in names:
+            unit = self.parts.unit_of[name]
+            key_unit = unit if per_unit else part_of_unit(unit)
+            # head and final norm share the language LR but get their own group so LRs read per part
+            if not per_unit and unit in ("head", "language.norm"):
+                key_unit = unit
+            nwd = self.no_weight_decay(name)
+            key = (key_unit, nwd)
+            if key not in groups:
+                groups[key] = GroupSpec(
+                    name=key_unit + ("/no_decay" if nwd else ""),
+                    lr=self.unit_lr(unit),
+                    weight_decay=0.0 if nwd else self.config.weight_decay,
+                    param_names=[],
+                )
+            groups[key].param_names.append(name)
+        return list(groups.values())
+
+    def param_groups(self) -> list[dict]:
+        """AdamW param groups: ``torch.optim.AdamW(plan.param_groups(), betas=..., eps=...)``."""
+        params = dict(self.model.named_parameters())
+        return [{**g.public, "params": [params[n] for n in g.param_names]} for g in self.group_specs()]
+
+    # --- description ---------------------------------------------------------
+    def stages(self) -> list[dict]:
+        out, lowest_prev = [], None
+        for epoch in range(1, self.num_stages + 1):
+            units = self.units_at(epoch)
+            blocks = sorted(int(u.rsplit(".", 1)[1]) for u in units if u.startswith("language.block."))
+            lowest = blocks[0] if blocks else None
+            if epoch > 1 and lowest == lowest_prev:
+                continue
+            out.append({"epoch": epoch, "lowest_language_block": lowest, "trainable_params": self.count_trainable(epoch)})
+            lowest_prev = lowest
+        return out
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.parts.tied_head and "head" in self.units_at(self.num_stages) and self.strategy.name != "full":
+            notes.append("the output head is tied to the input embeddings: training the head changes them too")
+        if self.strategy.name == "connector_only":
+            notes.append("connector only still back-propagates through the whole language model (activation grads)")
+        return notes
+
+    def summary(self, epoch: int = 1, model_name: str | None = None, precision: str = "bf16") -> dict:
+        """The ``--json`` view: one object per plan (see README)."""
+        trainable = set(self.trainable_names(epoch))
+        parts = {p: {"params": 0, "trainable": 0} for p in PART_NAMES}
+        for name, unit in self.parts.unit_of.items():
+            entry = parts[part_of_unit(unit)]
+            entry["params"] += self.parts.numel[name]
+            if name in trainable:
+                entry["trainable"] += self.parts.numel[name]
+        total = self.parts.total_params
+        n_trainable = sum(self.parts.numel[n] for n in trainable)
+        peak_trainable = sum(self.parts.numel[n] for n in self.ever_trainable_names)
+        return {
+            "model": model_name or type(self.model).__name__,
+            "strategy": self.strategy.name,
+            "letter": self.strategy.letter if self.parts.is_vlm else None,
+            "epoch": epoch,
+            "is_vlm": self.parts.is_vlm,
+            "num_layers": self.parts.num_layers,
+            "num_vision_layers": self.parts.num_vision_layers,
+            "total_params": total,
+            "trainable_params": n_trainable,
+            "trainable_share": n_trainable / total if total else 0.0,
+            "parts": parts,
+            "trainable_names": sorted(trainable, key=list(self.parts.unit_of).index),
+            "param_groups": [
+                {**g.public, "params": sum(self.parts.numel[n] for n in g.param_names)} for g in self.group_specs()
+            ],
+            "stages": self.stages() if self.strategy.staged else [],
+            "lora_targets": len(self.lora_targets),
+            "memory": estimate_memory(total, peak_trainable, precision),
+            "notes": self.notes(),
+        }
+
+
+def build_plan(model: nn.Module, config: StrategyConfig | dict) -> Plan:
+    """Find parts, check the request, wrap LoRA if needed, apply epoch 1's trainable set."""
+    cfg = config if isinstance(config, StrategyConfig) else StrategyConfig.from_dict(config)
+    strategy = get_strategy(cfg.name)
+    parts = find_parts(model, cfg.parts)
+    if strategy.vlm_only and not parts.is_vlm:
+        raise StrategyConfigError(
+            f"strategy.name = {strategy.name!r} is a VLM strategy, but {type(model).__name__} has no vision "
+            "encoder. Use full, feature_extraction, top_k or progressive on a text model."
+        )
+    trainable_units(strategy, parts, cfg, 1)  # raises on impossible requests (top_k > L, ...)
+
+    adapter_names: set[str] = set()
+    targets: list[str] = []
+    if strategy.lora_sides:
+        from peft import LoraConfig, get_peft_model
+
+        targets = lora_target_modules(model, parts, strategy.lora_sides, cfg.lora_targets)
+        conv1d = any(type(model.get_submodule(t)).__name__ == "Conv1D" for t in targets)
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=targets, bias="none", fan_in_fan_out=conv1d)
+        model = get_peft_model(model, lora)
+        adapter_names = {n for n, p in model.named_parameters() if p.requires_grad}
+        parts = find_parts(model, cfg.parts)
+
+    plan = Plan(model, parts, cfg, strategy, adapter_names, targets)
+    if not plan.ever_trainable_names:
+        raise StrategyConfigError(
+            f"strategy {strategy.name!r} trains no parameter of {type(model).__name__} "
+            f"(parts found: {', '.join(p for p, n in parts.part_sizes().items() if n)}); choose another strategy "
+            "or fix the parts override."
+        )
+    plan.apply(1)
+    return plan

@@ -1,0 +1,156 @@
+"""The strategy registry: one entry per strategy, in one place.
+
+A strategy answers two questions for a model's parts (see ``parts.py``):
+which units train with all their weights at epoch ``e`` (1-based), and on
+which sides (``vision``/``language``) LoRA adapters go. Learning rates,
+weight decay and LoRA wrapping are the plan's job (``plan.py``), shared by
+every strategy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import StrategyConfig, StrategyConfigError
+from .parts import ModelParts
+
+UnitsFn = Callable[[ModelParts, StrategyConfig, int], set[str]]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    summary: str
+    units: UnitsFn  # fully trained units at a 1-based epoch
+    lora_sides: tuple[str, ...] = ()  # "vision" and/or "language": blocks that get LoRA adapters
+    vlm_only: bool = False
+    staged: bool = False  # the trainable set changes with the epoch
+    letter: str | None = None  # the VLM strategy table's id (A-E)
+
+    def num_stages(self, parts: ModelParts, cfg: StrategyConfig) -> int:
+        """Epochs until the trainable set stops growing (1 for strategies that do not stage)."""
+        return math.ceil(parts.num_layers / cfg.layers_per_epoch) if self.staged else 1
+
+
+STRATEGIES: dict[str, Strategy] = {}
+ALIASES: dict[str, str] = {}
+
+
+def register(strategy: Strategy) -> Strategy:
+    if strategy.name in STRATEGIES:
+        raise ValueError(f"strategy {strategy.name!r} registered twice")
+    STRATEGIES[strategy.name] = strategy
+    if strategy.letter:
+        ALIASES[strategy.letter] = strategy.name
+    return strategy
+
+
+def canonical_name(name: str, where: str = "strategy") -> str:
+    key = ALIASES.get(name, ALIASES.get(str(name).upper(), name)) if len(str(name)) == 1 else name
+    if key not in STRATEGIES:
+        import difflib
+
+        close = difflib.get_close_matches(str(name), list(STRATEGIES), 1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        raise StrategyConfigError(
+            f"{where}.name = {name!r}: unknown strategy.{hint} Known: {', '.join(STRATEGIES)} "
+            f"(VLM ids: {', '.join(f'{k}={v}' for k, v in sorted(ALIASES.items()))})."
+        )
+    return key
+
+
+def get_strategy(name: str) -> Strategy:
+    return STRATEGIES[canonical_name(name)]
+
+
+# --- unit helpers ---------------------------------------------------------
+
+def _blocks_from(parts: ModelParts, lowest: int) -> set[str]:
+    return {f"language.block.{i}" for i in range(max(lowest, 0), parts.num_layers)}
+
+
+def _top(parts: ModelParts) -> set[str]:
+    """What sits above the language blocks: final norm and head."""
+    return {"language.norm", "head"}
+
+
+def _bridge(parts: ModelParts) -> set[str]:
+    """On a VLM, the connector trains whenever the language model adapts (every VLM recipe trains it)."""
+    return {"connector"} if parts.is_vlm else set()
+
+
+def _full(parts, cfg, epoch):
+    return set(parts.units())
+
+
+def _feature_extraction(parts, cfg, epoch):
+    return {"head"}
+
+
+def _top_k(parts, cfg, epoch):
+    if cfg.top_k > parts.num_layers:
+        raise StrategyConfigError(
+            f"strategy.top_k = {cfg.top_k}: the model has only {parts.num_layers} language blocks; "
+            f"use 1..{parts.num_layers} (or `full`)."
+        )
+    return _blocks_from(parts, parts.num_layers - cfg.top_k) | _top(parts) | _bridge(parts)
+
+
+def _progressive(parts, cfg, epoch):
+    lowest = parts.num_layers - cfg.layers_per_epoch * max(epoch, 1)
+    units = _blocks_from(parts, lowest) | _top(parts) | _bridge(parts)
+    if lowest <= 0:  # fully thawed: ULMFiT trains everything, embeddings included
+        units.add("embeddings")
+    return units
+
+
+def _importance_top_k(parts, cfg, epoch):
+    if not cfg.importance:
+        raise StrategyConfigError(
+            "strategy.importance is empty: importance_top_k needs a ranking "
+            "({unit: score}, from `freezetune analyze` or an analysis run id)."
+        )
+    blocks = {u: s for u, s in cfg.importance.items() if ".block." in u}
+    unknown = sorted(set(blocks) - set(parts.units()))
+    if unknown:
+        raise StrategyConfigError(f"strategy.importance names blocks the model does not have: {unknown[:5]}.")
+    if cfg.top_k > len(blocks):
+        raise StrategyConfigError(f"strategy.top_k = {cfg.top_k}: the ranking holds only {len(blocks)} blocks.")
+    ranked = sorted(blocks, key=lambda u: (-blocks[u], u))
+    return set(ranked[: cfg.top_k]) | {"head"}
+
+
+def _connector(parts, cfg, epoch):
+    return {"connector"}
+
+
+def _vision_frozen_llm_full(parts, cfg, epoch):
+    return {"connector"} | _blocks_from(parts, 0) | _top(parts)
+
+
+register(Strategy("full", "everything trains (E on a VLM)", _full, letter="E"))
+register(Strategy("feature_extraction", "only the task head trains", _feature_extraction))
+register(Strategy("top_k", "the top k language blocks + final norm + head (+ connector)", _top_k))
+register(Strategy("progressive", "ULMFiT: k more blocks thaw each epoch, top down", _progressive, staged=True))
+register(Strategy("importance_top_k", "the k most important blocks of a layer-importance ranking + head", _importance_top_k))
+register(Strategy("connector_only", "A: connector only", _connector, vlm_only=True, letter="A"))
+register(Strategy("connector_llm_lora", "B: connector + LoRA on the language model", _connector,
+                  lora_sides=("language",), vlm_only=True, letter="B"))
+register(Strategy("all_lora", "C: LoRA on vision + connector + LoRA on the language model", _connector,
+                  lora_sides=("vision", "language"), vlm_only=True, letter="C"))
+register(Strategy("vision_frozen_llm_full", "D: vision frozen, connector + language model full", _vision_frozen_llm_full,
+                  vlm_only=True, letter="D"))
+
+
+def trainable_units(strategy: Strategy, parts: ModelParts, cfg: StrategyConfig, epoch: int = 1) -> set[str]:
+    """Fully trained units at ``epoch``, after the embeddings switch, limited to units the model has."""
+    units = strategy.units(parts, cfg, epoch)
+    if cfg.train_embeddings is True:
+        units.add("embeddings")
+        if parts.is_vlm and "vision.block.0" in units:
+            units.add("vision.embeddings")
+    elif cfg.train_embeddings is False:
+        units.discard("embeddings")
+    return units & set(parts.units())
