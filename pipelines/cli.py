@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+# Errors whose message already says what to do: printed as one line (FREEZETUNE_DEBUG=1 shows the traceback).
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
 
 
 def _strategy_args(p: argparse.ArgumentParser) -> None:
@@ -69,7 +70,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per strategy")
     _strategy_args(p)
+
+    p = sub.add_parser("train", help="one fine-tuning run on Ray Train, logged to MLflow")
+    p.add_argument("config", help="run config YAML (see pipelines/configs/)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    p.add_argument("--resume", action="store_true", help="continue the run with the same name from its last checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set strategy.lr=1e-4 (YAML value syntax)")
+
+    p = sub.add_parser("demo", help="the embedded default: tiny VLM, generated data, local Ray and MLflow")
+    p.add_argument("--strategy", default="connector_llm_lora", help="strategy of the fine-tuning step")
+    p.add_argument("--root", default="~/.freezetune/demo", help="where data, runs and the MLflow store go")
+    p.add_argument("--address", help="Ray cluster address (default: a local instance)")
     return parser
+
+
+def parse_sets(items: list[str]) -> dict:
+    """--set a.b=1 → {"a": {"b": 1}} with YAML value parsing."""
+    import yaml
+
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: use KEY=VALUE, e.g. --set strategy.lr=1e-4")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def _logging() -> None:
+    import logging
+    import warnings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -86,13 +124,34 @@ def run(argv: list[str] | None = None) -> int:
             summaries = plan_view.applicable_summaries(args.model, strategy, args.precision, args.trust_remote_code)
             print(json.dumps(summaries) if args.json else plan_view.render_strategies(summaries))
         return 0
+    if args.command == "train":
+        from .config import load_run_config
+        from .train import run_training
+
+        _logging()
+        cfg = load_run_config(args.config, parse_sets(args.set))
+        result = run_training(cfg, address=args.address, resume=args.resume)
+        print(json.dumps({k: result[k] for k in ("run_id", "run_name", "checkpoint", "tracking_uri")}, indent=1))
+        return 0
+    if args.command == "demo":
+        from pathlib import Path
+
+        from .demo import run_demo
+
+        _logging()
+        run_demo(Path(args.root), strategy=args.strategy, address=args.address)
+        return 0
     raise AssertionError(args.command)
 
 
 def main(argv: list[str] | None = None) -> None:
+    import os
+
     try:
         sys.exit(run(argv))
-    except EXPECTED_ERRORS as err:
+    except Exception as err:
+        if os.environ.get("FREEZETUNE_DEBUG") or not (isinstance(err, EXPECTED_ERRORS) or getattr(err, "user_facing", False)):
+            raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"freezetune: error: {message}", file=sys.stderr)
         sys.exit(2)

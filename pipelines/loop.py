@@ -1,0 +1,253 @@
+"""The per-worker fine-tuning loop: one file, read top to bottom.
+
+Runs inside a Ray Train worker (``train_loop_per_worker``) or in-process
+(``run_loop`` with ``world_size=1``). Every strategy goes through the same
+loop; the plan from ``strategies`` decides what trains and at which LR.
+
+Phases: set-up (seed, model, plan, data, optimizer, schedule, resume) →
+per epoch (thaw, DDP wrap, train with accumulation, eval, report +
+checkpoint) → final model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from strategies import Plan, build_plan, build_scheduler
+
+from . import checkpoints
+from .config import RunConfig, from_dict
+from .data import collate, count_tokens, load_datasets, shard
+from .models import load_model, load_processor
+
+log = logging.getLogger("freezetune.loop")
+
+# A report: (metrics, checkpoint directory or None). Ray's report in a worker, a list append in tests.
+ReportFn = Callable[[dict, "str | None"], None]
+
+
+@dataclass
+class WorkerEnv:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    resume_dir: str | None = None  # a checkpoint directory to resume from
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over labelled positions (labels == -100 are ignored)."""
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+def labelled_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def windows(batches: list[dict], accum: int) -> list[list[dict]]:
+    """Accumulation windows; the last one may be shorter and still steps."""
+    return [batches[i : i + accum] for i in range(0, len(batches), accum)]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _all_reduce_sum(values: list[float], env: WorkerEnv) -> list[float]:
+    if env.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _forward_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def _batches(dataset, batch_size: int, pad_id: int, epoch_seed: int | None) -> list[dict]:
+    order = list(range(len(dataset)))
+    if epoch_seed is not None:
+        random.Random(epoch_seed).shuffle(order)
+    return [collate([dataset[i] for i in order[j : j + batch_size]], pad_id) for j in range(0, len(order), batch_size)]
+
+
+def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn) -> None:
+    t = cfg.train
+    seed_everything(cfg.seed)
+
+    # --- set-up: model, plan, data -------------------------------------------
+    model = load_model(model_path, trust_remote_code=cfg.trust_remote_code)
+    processor = load_processor(model_path, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    plan: Plan = build_plan(model, cfg.strategy)
+    model = plan.model.to(env.device)
+    train_set, eval_set = load_datasets(cfg.data, processor, seed=cfg.seed)
+    train_shard = shard(train_set, env.rank, env.world_size)
+    eval_shard = shard(eval_set, env.rank, env.world_size)
+
+    steps_per_epoch = math.ceil(math.ceil(len(train_shard) / t.batch_size) / t.grad_accum)
+    total_steps = steps_per_epoch * t.epochs
+    optimizer = torch.optim.AdamW(plan.param_groups(), betas=tuple(t.adam_betas), eps=t.adam_eps)
+    scheduler = build_scheduler(optimizer, total_steps, t.schedule)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
+    find_unused = t.find_unused_parameters if t.find_unused_parameters is not None else plan.parts.is_vlm
+
+    start_epoch, step = 1, 0
+    if env.resume_dir:
+        state = checkpoints.load(env.resume_dir, model, optimizer, scheduler, scaler)
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        log.info("rank %d: resumed from %s at epoch %d (optimizer step %d)", env.rank, env.resume_dir, start_epoch, step)
+
+    ddp_model, wrapped_for = None, None
+    for epoch in range(start_epoch, t.epochs + 1):
+        # --- thaw for this epoch; DDP registers its hooks on the trainable set, so re-wrap when it changes
+        plan.apply(epoch)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        trainable_ids = frozenset(id(p) for p in trainable)
+        if env.world_size > 1 and trainable_ids != wrapped_for:
+            ddp_model = DistributedDataParallel(model, find_unused_parameters=find_unused,
+                                                device_ids=[env.device.index] if env.device.type == "cuda" else None)
+            wrapped_for = trainable_ids
+        net = ddp_model if env.world_size > 1 else model
+
+        # --- train ------------------------------------------------------------
+        model.train()
+        started = time.perf_counter()
+        batches = _batches(train_shard, t.batch_size, pad_id, epoch_seed=cfg.seed * 1000 + epoch)
+        loss_sum = tokens = seen_tokens = 0.0
+        for window in windows(batches, t.grad_accum):
+            # divide by the window's labelled tokens: N micro-batches == one N-times-larger batch
+            window_tokens = max(sum(labelled_tokens(b) for b in window), 1)
+            for i, batch in enumerate(window):
+                batch = _to(batch, env.device)
+                sync = i == len(window) - 1 or env.world_size == 1
+                with (contextlib.nullcontext() if sync else net.no_sync()), _autocast(t.precision, env.device):
+                    logits = net(**_forward_inputs(batch)).logits
+                    summed = token_loss_sum(logits, batch["labels"])
+                value = float(summed.detach())
+                if not math.isfinite(value) and t.precision != "fp16":  # fp16: the scaler skips the step
+                    raise FloatingPointError(
+                        f"epoch {epoch}, optimizer step {step}: loss is {value}; lower the learning rate "
+                        f"(strategy.lr = {cfg.strategy.lr}) or check the data. Training stopped."
+                    )
+                scaler.scale(summed / window_tokens).backward()
+                loss_sum += value
+                seen_tokens += count_tokens(batch)
+            tokens += window_tokens
+            if t.max_grad_norm > 0:
+                scaler.unscale_(optimizer)  # clip true gradients, not scaled ones
+                torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)  # None grads: AdamW skips frozen params entirely
+            step += 1
+        seconds = time.perf_counter() - started
+        loss_sum, tokens, seen_tokens = _all_reduce_sum([loss_sum, tokens, seen_tokens], env)
+        train_loss = loss_sum / max(tokens, 1)
+
+        # --- eval ---------------------------------------------------------------
+        eval_loss = evaluate(model, eval_shard, t.batch_size, pad_id, t.precision, env, t.eval_max_batches)
+
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "eval_loss": eval_loss,
+            "trainable_params": sum(p.numel() for p in trainable),
+            "tokens_per_s": seen_tokens / seconds if seconds > 0 else 0.0,
+            "epoch_seconds": seconds,
+            "peak_memory_mb": peak_memory_mb(env.device),
+            "optimizer_steps": step,
+        }
+        for group in optimizer.param_groups:
+            metrics[f"lr/{group['name']}"] = group["lr"]
+
+        # --- checkpoint (rank 0 writes, every rank reports: report is a barrier)
+        final = epoch == t.epochs
+        with tempfile.TemporaryDirectory(prefix="freezetune-ckpt-") as tmp:
+            ckpt_dir = None
+            if env.rank == 0:
+                checkpoints.save(tmp, plan, optimizer, scheduler, scaler, epoch=epoch, step=step)
+                if final and t.save != "none":
+                    checkpoints.save_final_model(Path(tmp) / "final_model", plan, processor, merged=t.save == "merged")
+                ckpt_dir = tmp
+            report(metrics, ckpt_dir)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size: int, pad_id: int, precision: str, env: WorkerEnv,
+             max_batches: int | None = None) -> float:
+    """Mean next-token loss over labelled eval tokens, across all workers."""
+    model.eval()
+    loss_sum = tokens = 0.0
+    for i, batch in enumerate(_batches(dataset, batch_size, pad_id, epoch_seed=None)):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = _to(batch, env.device)
+        with _autocast(precision, env.device):
+            logits = model(**_forward_inputs(batch)).logits
+        loss_sum += float(token_loss_sum(logits, batch["labels"]))
+        tokens += labelled_tokens(batch)
+    loss_sum, tokens = _all_reduce_sum([loss_sum, tokens], env)
+    return loss_sum / max(tokens, 1)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Entry point of a Ray Train worker: the same loop, with Ray's context, report and checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
+    ctx = ray.train.get_context()
+    checkpoint = ray.train.get_checkpoint()
+    cfg = from_dict(RunConfig, loop_config["run"], "run")
+    with contextlib.ExitStack() as stack:
+        resume_dir = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
+        env = WorkerEnv(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                        device=ray.train.torch.get_device(), resume_dir=resume_dir)
+
+        def report(metrics: dict, ckpt_dir: str | None) -> None:
+            ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+            ray.train.report({**metrics, "node_ip": ray.util.get_node_ip_address()}, checkpoint=ckpt)
+
+        run_loop(cfg, loop_config["model_path"], env, report)

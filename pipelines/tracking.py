@@ -1,0 +1,192 @@
+"""MLflow logging: one place that knows how runs, params, metrics and artifacts are written.
+
+Design: one writer per store. A training run's metrics are written by the
+Ray Train controller (on the driver's node) after each epoch report; a
+sweep's by the Tune driver. Workers never write to MLflow, so a local SQLite
+store never sees concurrent writers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+log = logging.getLogger("freezetune.tracking")
+
+SECRET_PATTERN = re.compile(r"(token|secret|password|passwd|api[_-]?key|access[_-]?key|credential)", re.I)
+MAX_PARAM_LEN = 6000
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be used; the message says how to fix it."""
+
+    user_facing = True
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast (seconds, before any training) when the store cannot be reached."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
+                if resp.status != 200:
+                    raise TrackingError(f"MLflow server {uri} answered {resp.status} on /health.")
+        except (urllib.error.URLError, OSError) as err:
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({getattr(err, 'reason', err)}). Start it "
+                "(`mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db`) or set "
+                "mlflow.tracking_uri / $MLFLOW_TRACKING_URI to a reachable one."
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).expanduser().absolute().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingError(f"MLflow store {uri}: folder {folder} does not exist or is not writable.")
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config → {"strategy.lr": 1e-4, ...}; None values dropped (a param the run did not use)."""
+    out: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    elif data is not None:
+        out[prefix[:-1]] = data
+    return out
+
+
+def safe_params(params: dict[str, Any]) -> dict[str, str]:
+    """String params for MLflow: secrets redacted, long values truncated."""
+    out = {}
+    for key, value in params.items():
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        if SECRET_PATTERN.search(key):
+            text = "***"
+        out[key] = text[:MAX_PARAM_LEN]
+    return out
+
+
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Only finite training numbers: no pid/timestamps/strings (Ray adds those to results)."""
+    junk = {"timestamp", "time_this_iter_s", "time_total_s", "pid", "training_iteration", "time_since_restore",
+            "iterations_since_restore", "timesteps_total", "episodes_total", "done", "epoch"}
+    return {k: float(v) for k, v in metrics.items()
+            if k not in junk and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def _retry(fn, *args, attempts: int = 5, **kwargs):
+    """MLflow calls retried with backoff: a busy SQLite file or a restarting server is not a lost run."""
+    delay = 0.5
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # mlflow raises MlflowException / requests errors / sqlite OperationalError
+            if attempt == attempts - 1:
+                raise
+            log.warning("MLflow call %s failed (%s); retrying in %.1fs", getattr(fn, "__name__", fn), err, delay)
+            time.sleep(delay)
+            delay *= 2
+
+
+def experiment_id(uri: str, name: str) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except Exception:  # created concurrently
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def find_run(uri: str, experiment: str, key: str, value: str) -> str | None:
+    """The run carrying tag ``key=value`` (how a resumed run or trial finds its own run)."""
+    exp = client(uri).get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client(uri).search_runs([exp.experiment_id], filter_string=f"tags.`{key}` = '{value}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def start_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
+              parent_run_id: str | None = None) -> str:
+    c = client(uri)
+    tags = dict(tags or {})
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = _retry(c.create_run, experiment_id(uri, experiment), run_name=run_name, tags=tags)
+    return run.info.run_id
+
+
+def reopen_run(uri: str, run_id: str) -> None:
+    _retry(client(uri).update_run, run_id, status="RUNNING")
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    existing = client(uri).get_run(run_id).data.params
+    items = [Param(k, v) for k, v in safe_params(params).items() if k not in existing]
+    for i in range(0, len(items), 100):  # MLflow's batch limit
+        _retry(client(uri).log_batch, run_id, params=items[i : i + 100])
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    _retry(client(uri).log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in safe_params(tags).items()])
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, Any], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, v, now, step) for k, v in numeric_metrics(metrics).items()]
+    for i in range(0, len(items), 500):
+        _retry(client(uri).log_batch, run_id, metrics=items[i : i + 500])
+
+
+def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    _retry(client(uri).log_text, run_id, text, artifact_file)
+
+
+def log_dict(uri: str, run_id: str, data: dict | list, artifact_file: str) -> None:
+    _retry(client(uri).log_dict, run_id, data, artifact_file)
+
+
+def log_figure(uri: str, run_id: str, figure, artifact_file: str) -> None:
+    _retry(client(uri).log_figure, run_id, figure, artifact_file)
+
+
+def log_files(uri: str, run_id: str, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
+    for path in paths:
+        _retry(client(uri).log_artifact, run_id, str(path), artifact_path)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """FINISHED | FAILED | KILLED. Always called, so no run is left RUNNING after a normal exit."""
+    _retry(client(uri).set_terminated, run_id, status=status)
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client(uri).get_metric_history(run_id, key)]
+
+
+def artifacts_dir() -> str:
+    return tempfile.mkdtemp(prefix="freezetune-artifacts-")

@@ -1,0 +1,178 @@
+"""`freezetune train CONFIG.yaml`: one fine-tuning run on Ray Train, logged to MLflow.
+
+Order matters: everything cheap that can be wrong is checked first (config,
+MLflow reachability, model, strategy against the model on the meta device,
+data), then Ray starts and the TorchTrainer's workers run ``loop.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from strategies import Plan, build_plan
+
+from . import tracking
+from .config import RunConfig
+from .data import load_datasets, shard
+
+log = logging.getLogger("freezetune.train")
+
+RUN_KEY_TAG = "freezetune.run_key"  # how a resumed run finds its MLflow run
+
+
+@dataclass
+class Prepared:
+    cfg: RunConfig
+    model_path: str
+    plan_summary: dict
+    group_specs: list[dict]
+    steps_per_epoch: int
+    n_train: int
+    n_eval: int
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    model = Path(cfg.model).name if os.path.sep in cfg.model else cfg.model
+    return f"{model}-{cfg.strategy.name}-{digest}"
+
+
+def skeleton_plan(model_path: str, cfg: RunConfig) -> Plan:
+    """The plan on a meta-device model: checks the strategy against the real architecture without loading weights."""
+    import torch
+    from transformers import AutoConfig
+
+    from .models import _model_class
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = _model_class(config).from_config(config, trust_remote_code=cfg.trust_remote_code)
+    return build_plan(model, cfg.strategy)
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """All checks and the data cache, before any Ray worker starts."""
+    from .models import load_processor, resolve_model_path
+
+    tracking.check_tracking_uri(cfg.tracking_uri)
+    model_path = resolve_model_path(cfg.model, Path(cfg.resolved_cache_dir) / "models")
+    plan = skeleton_plan(model_path, cfg)
+    processor = load_processor(model_path, trust_remote_code=cfg.trust_remote_code)
+    # tokenise once here: the workers (and later trials) read the cache
+    train_set, eval_set = load_datasets(cfg.data, processor, seed=cfg.seed)
+    per_worker = len(shard(train_set, 0, cfg.resources.num_workers))
+    if per_worker == 0:
+        raise ValueError(f"data.train: {len(train_set)} examples cannot feed {cfg.resources.num_workers} workers; "
+                         "add data or lower resources.num_workers.")
+    steps = math.ceil(math.ceil(per_worker / cfg.train.batch_size) / cfg.train.grad_accum)
+    summary = plan.summary(1, model_name=cfg.model, precision="fp32" if cfg.train.precision == "fp32" else "bf16")
+    return Prepared(cfg, model_path, summary, summary["param_groups"], steps, len(train_set), len(eval_set))
+
+
+def log_run_start(prep: Prepared, run_id: str) -> None:
+    """Params, tags, the plan table and the LR-schedule plot."""
+    from .plan_view import render_plan
+    from .plots import lr_schedule_figure
+
+    cfg, uri, s = prep.cfg, prep.cfg.tracking_uri, prep.plan_summary
+    tracking.log_params(uri, run_id, {**tracking.flatten(cfg.to_dict()), "model_path": prep.model_path,
+                                      "data.n_train": prep.n_train, "data.n_eval": prep.n_eval})
+    tracking.set_tags(uri, run_id, {
+        "strategy": s["strategy"], "model": cfg.model, "vlm_strategy_id": s.get("letter") or "",
+        "parts_trained": ",".join(p for p, v in s["parts"].items() if v["trainable"]),
+        "trainable_params": s["trainable_params"], "trainable_share": f"{s['trainable_share']:.4f}",
+    })
+    tracking.log_text(uri, run_id, render_plan(s), "plan/plan.txt")
+    tracking.log_dict(uri, run_id, s, "plan/plan.json")
+    import matplotlib.pyplot as plt
+
+    fig = lr_schedule_figure(s["param_groups"], prep.steps_per_epoch, cfg.train.epochs, cfg.train.schedule,
+                             s.get("stages"), title=f"LR schedule: {s['strategy']} on {cfg.model}")
+    tracking.log_figure(uri, run_id, fig, "plots/lr_schedule.png")
+    plt.close(fig)
+
+
+def _fresh_name(storage: str, name: str) -> str:
+    """Without --resume a rerun gets its own Ray storage folder (Ray would otherwise resume the old one)."""
+    candidate, n = name, 1
+    while (Path(storage) / candidate).exists():
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
+def make_trainer(prep: Prepared, run_name: str, callbacks: list, storage_path: str):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .loop import train_loop_per_worker
+
+    cfg, res = prep.cfg, prep.cfg.resources
+    gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (1 if res.use_gpu else 0)
+    resources = {"CPU": res.cpus_per_worker, **({"GPU": gpus} if gpus else {}), **res.resources_per_worker}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": cfg.to_dict(), "model_path": prep.model_path,
+                           "threads_per_worker": max(1, int(res.cpus_per_worker))},
+        scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def run_training(cfg: RunConfig, address: str | None = None, resume: bool = False) -> dict:
+    """Run one fine-tuning; returns {run_id, run_name, metrics, checkpoint}. The MLflow run always ends."""
+    from . import ray_env
+    from .mlflow_callbacks import TrainEpochLogger
+
+    prep = prepare(cfg)
+    uri = cfg.tracking_uri
+    storage = cfg.resolved_storage_path
+    base_name = cfg.name or default_run_name(cfg)
+    run_name = base_name if resume else _fresh_name(storage, base_name)
+
+    ray_env.connect(address)
+    res = cfg.resources
+    gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (1 if res.use_gpu else 0)
+    ray_env.check_capacity(res.num_workers, res.cpus_per_worker, gpus, res.resources_per_worker)
+
+    run_id = tracking.find_run(uri, cfg.mlflow.experiment, RUN_KEY_TAG, f"{storage}/{run_name}") if resume else None
+    if run_id:
+        tracking.reopen_run(uri, run_id)
+        log.info("resuming MLflow run %s (%s)", run_id, run_name)
+    else:
+        run_id = tracking.start_run(uri, cfg.mlflow.experiment, run_name, tags={RUN_KEY_TAG: f"{storage}/{run_name}"})
+    status = "FAILED"
+    try:
+        log_run_start(prep, run_id)
+        trainer = make_trainer(prep, run_name, [TrainEpochLogger(uri, run_id)], storage)
+        log.info("training %s: %d workers, %d optimizer steps per epoch, %d epochs", run_name, res.num_workers,
+                 prep.steps_per_epoch, cfg.train.epochs)
+        result = trainer.fit()
+        checkpoint = result.checkpoint.path if result.checkpoint else None
+        if checkpoint:
+            tracking.set_tags(uri, run_id, {"checkpoint": checkpoint,
+                                            "final_model": f"{checkpoint}/final_model" if cfg.train.save != "none" else ""})
+        status = "FINISHED"
+        return {"run_id": run_id, "run_name": run_name, "checkpoint": checkpoint,
+                "metrics": tracking.client(uri).get_run(run_id).data.metrics, "tracking_uri": uri}
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except Exception as err:
+        tracking.set_tags(uri, run_id, {"error": f"{type(err).__name__}: {err}"[:5000]})
+        raise
+    finally:
+        tracking.end_run(uri, run_id, status)
