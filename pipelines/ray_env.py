@@ -35,7 +35,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
             return False
         log.info("starting a local Ray instance (dashboard on 127.0.0.1)")
         # The dashboard stays on: without it Train V2 never frees a finished run's placement group.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env)
+        # address="local": a new instance, never a stray cluster some other process started on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env=runtime_env)
         return True
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ClusterError(

@@ -54,8 +54,12 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
             ) from None
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).expanduser().absolute().parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise TrackingError(f"MLflow store {uri}: folder {folder} does not exist or is not writable.")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TrackingError(f"MLflow store {uri}: cannot create folder {folder} ({err}).") from None
+        if not os.access(folder, os.W_OK):
+            raise TrackingError(f"MLflow store {uri}: folder {folder} is not writable; choose another tracking_uri.")
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -59,4 +59,12 @@ def lora_target_modules(model: nn.Module, parts: ModelParts, sides: tuple[str, .
                 f"{type(inner).__name__} (its block linears are {leaves}); use one of those names, "
                 "`attention` or `all`."
             )
+    if isinstance(which, list):  # every name must exist somewhere: a typo must not silently drop a target
+        found_leaves = {t.rsplit(".", 1)[-1] for t in targets}
+        missing = [name for name in which if name not in found_leaves]
+        if missing:
+            raise StrategyConfigError(
+                f"strategy.lora_targets: {missing} match no linear layer in the {' or '.join(sides)} blocks of "
+                f"{type(inner).__name__}; fix the name(s) or use `attention` / `all`."
+            )
     return targets
