@@ -50,7 +50,7 @@ class TrainSettings:
     adam_eps: float = _f(1e-8, "AdamW eps")
     schedule: ScheduleConfig = _f(ScheduleConfig(), "LR schedule over the whole run")
     save: str = _f("adapter", "final model: adapter (trainable weights / LoRA adapter) | merged (full model) | none")
-    find_unused_parameters: bool | None = _f(None, "DDP: default on for VLMs (some vision params, e.g. a post-norm, feed no loss)")
+    find_unused_parameters: bool | None = _f(None, "DDP: default on when vision weights train (layers above the feature layer feed no loss)")
     eval_max_batches: int | None = _f(None, "cap on eval batches per epoch (None = whole eval set)")
 
 

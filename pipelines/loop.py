@@ -109,7 +109,9 @@ def _batches(dataset, batch_size: int, pad_id: int, epoch_seed: int | None) -> l
     return [collate([dataset[i] for i in order[j : j + batch_size]], pad_id) for j in range(0, len(order), batch_size)]
 
 
-def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn) -> None:
+def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
+             on_setup: Callable[[Plan, torch.optim.Optimizer], None] | None = None) -> None:
+    """Train as ``cfg`` says; ``on_setup(plan, optimizer)`` lets tests and benchmarks look inside."""
     t = cfg.train
     seed_everything(cfg.seed)
 
@@ -129,13 +131,19 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn) 
     optimizer = torch.optim.AdamW(plan.param_groups(), betas=tuple(t.adam_betas), eps=t.adam_eps)
     scheduler = build_scheduler(optimizer, total_steps, t.schedule)
     scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
-    find_unused = t.find_unused_parameters if t.find_unused_parameters is not None else plan.parts.is_vlm
+    # VLMs read vision features from a chosen layer (LLaVA: -2), so trained vision blocks/norms above it get no
+    # gradient: DDP must look for unused parameters then, and only then (it costs a graph traversal per step).
+    trains_vision = any(plan.parts.part_of(n) == "vision" for n in plan.ever_trainable_names)
+    find_unused = t.find_unused_parameters if t.find_unused_parameters is not None else trains_vision
 
     start_epoch, step = 1, 0
     if env.resume_dir:
         state = checkpoints.load(env.resume_dir, model, optimizer, scheduler, scaler)
         start_epoch, step = state["epoch"] + 1, state["step"]
         log.info("rank %d: resumed from %s at epoch %d (optimizer step %d)", env.rank, env.resume_dir, start_epoch, step)
+
+    if on_setup is not None:
+        on_setup(plan, optimizer)
 
     ddp_model, wrapped_for = None, None
     for epoch in range(start_epoch, t.epochs + 1):

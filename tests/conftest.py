@@ -1,0 +1,44 @@
+"""Shared fixtures: generated data, materialised tiny models, one Ray instance per session."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("freezetune")
+
+
+@pytest.fixture(scope="session")
+def demo_files(workdir) -> dict:
+    from pipelines.demo_data import make_demo_data
+
+    return make_demo_data(workdir / "data", n_train=64, n_eval=16, seed=0, task="finetune")
+
+
+@pytest.fixture(scope="session")
+def model_dirs(workdir) -> dict:
+    """tiny-llama and tiny-llava saved with save_pretrained: the tests load them through from_pretrained."""
+    from pipelines.models import materialize_preset
+
+    return {name: str(materialize_preset(name, workdir / "models")) for name in ("tiny-llama", "tiny-llava")}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for every test that needs one (ray.init costs ~10 s here)."""
+    import ray
+
+    from pipelines.ray_env import connect
+
+    connect(num_cpus=2)
+    yield ray
+    ray.shutdown()
