@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set strategy.lr=1e-4 (YAML value syntax)")
 
+    p = sub.add_parser("sweep", help="Ray Tune over strategies and learning rates (tune_spaces/*.yaml)")
+    p.add_argument("space", help="tune space YAML, e.g. tune_spaces/demo.yaml")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the space and trial resources, start nothing")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the file, e.g. --set base.model=tiny-llava --set sweep.num_samples=2")
+
     p = sub.add_parser("demo", help="the embedded default: tiny VLM, generated data, local Ray and MLflow")
     p.add_argument("--strategy", default="connector_llm_lora", help="strategy of the fine-tuning step")
     p.add_argument("--root", default="~/.freezetune/demo", help="where data, runs and the MLflow store go")
@@ -132,6 +140,15 @@ def run(argv: list[str] | None = None) -> int:
         cfg = load_run_config(args.config, parse_sets(args.set))
         result = run_training(cfg, address=args.address, resume=args.resume)
         print(json.dumps({k: result[k] for k in ("run_id", "run_name", "checkpoint", "tracking_uri")}, indent=1))
+        return 0
+    if args.command == "sweep":
+        from .sweep import run_sweep
+
+        _logging()
+        result = run_sweep(args.space, address=args.address, resume=args.resume, dry_run=args.dry_run,
+                           overrides=parse_sets(args.set))
+        if not args.dry_run:
+            print(json.dumps({k: result[k] for k in ("parent_run_id", "name", "errors", "tracking_uri")}, indent=1))
         return 0
     if args.command == "demo":
         from pathlib import Path

@@ -226,6 +226,12 @@ def load_yaml(path: str | Path) -> dict:
 
 def run_config_from_dict(data: dict, where: str = "config", base_dir: str | Path | None = None) -> RunConfig:
     cfg = from_dict(RunConfig, data, where)
+    for key in ("train", "eval"):  # generated demo data (cheap); a demo model resolves later, in prepare
+        value = getattr(cfg.data, key)
+        if isinstance(value, str) and value.startswith("demo:"):
+            from .demo import resolve_demo_uri
+
+            setattr(cfg.data, key, resolve_demo_uri(value))
     if base_dir is not None:  # data paths in a config file are relative to the file
         for key in ("train", "eval", "image_root"):
             value = getattr(cfg.data, key)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,31 @@ from .config import RunConfig, run_config_from_dict
 log = logging.getLogger("freezetune.demo")
 
 DEMO_ROOT = Path("~/.freezetune/demo").expanduser()
+
+
+def demo_root() -> Path:
+    return Path(os.environ.get("FREEZETUNE_DEMO_ROOT", str(DEMO_ROOT))).expanduser().absolute()
+
+
+DEMO_URIS = {  # `demo:NAME` in a config → generated on first use under demo_root()
+    "finetune/train": ("finetune", "train"), "finetune/eval": ("finetune", "eval"),
+    "pretrain/train": ("pretrain", "train"), "pretrain/eval": ("pretrain", "eval"),
+    "text/train": ("finetune", "text_train"), "text/eval": ("finetune", "text_eval"),
+}
+
+
+def resolve_demo_uri(uri: str) -> str:
+    """`demo:finetune/train` etc. → a generated file; `demo:base` → the pre-trained tiny LLaVA (built once)."""
+    name = uri.split(":", 1)[1]
+    root = demo_root()
+    data = demo_data(root)
+    if name == "base":
+        return pretrained_base(root, data)
+    if name not in DEMO_URIS:
+        raise ValueError(f"{uri!r}: unknown demo artefact; use demo:base or one of "
+                         f"{', '.join('demo:' + k for k in DEMO_URIS)}.")
+    task, key = DEMO_URIS[name]
+    return str(data[task][key])
 
 
 def demo_data(root: Path, seed: int = 0) -> dict:

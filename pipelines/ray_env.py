@@ -46,16 +46,14 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
         ) from None
 
 
-def check_capacity(num_workers: int, cpus_per_worker: float, gpus_per_worker: float,
-                   resources_per_worker: dict[str, float]) -> None:
+def check_capacity(num_workers: int, per_worker: dict[str, float]) -> None:
     """Refuse a request no node of this cluster can ever hold, instead of waiting forever."""
     import ray
 
     if os.environ.get("FREEZETUNE_AUTOSCALING") == "1":
         return  # an autoscaling cluster may add the nodes later
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    need = {"CPU": cpus_per_worker, "GPU": gpus_per_worker, **resources_per_worker}
-    need = {k: v for k, v in need.items() if v}
+    need = {k: v for k, v in per_worker.items() if v}
     fits = sum(min(int(node.get(k, 0) // v) for k, v in need.items()) for node in nodes) if need else num_workers
     if fits < num_workers:
         total = {k: sum(node.get(k, 0) for node in nodes) for k in need}

@@ -31,7 +31,6 @@ class Prepared:
     cfg: RunConfig
     model_path: str
     plan_summary: dict
-    group_specs: list[dict]
     steps_per_epoch: int
     n_train: int
     n_eval: int
@@ -56,12 +55,32 @@ def skeleton_plan(model_path: str, cfg: RunConfig) -> Plan:
     return build_plan(model, cfg.strategy)
 
 
+def skeleton_source(cfg: RunConfig) -> str:
+    """A folder with the model's architecture, without heavy work: the demo base has tiny-llava's."""
+    if cfg.model == "demo:base":
+        from .models import materialize_preset
+
+        return str(materialize_preset("tiny-llava", Path(cfg.resolved_cache_dir) / "models"))
+    return resolve_model(cfg)
+
+
+def resolve_model(cfg: RunConfig) -> str:
+    """A local folder for ``cfg.model``: a preset is materialised, `demo:base` pre-trained once, a folder kept."""
+    from .models import resolve_model_path
+
+    if cfg.model.startswith("demo:"):
+        from .demo import resolve_demo_uri
+
+        return resolve_demo_uri(cfg.model)
+    return resolve_model_path(cfg.model, Path(cfg.resolved_cache_dir) / "models")
+
+
 def prepare(cfg: RunConfig) -> Prepared:
     """All checks and the data cache, before any Ray worker starts."""
-    from .models import load_processor, resolve_model_path
+    from .models import load_processor
 
     tracking.check_tracking_uri(cfg.tracking_uri)
-    model_path = resolve_model_path(cfg.model, Path(cfg.resolved_cache_dir) / "models")
+    model_path = resolve_model(cfg)
     plan = skeleton_plan(model_path, cfg)
     processor = load_processor(model_path, trust_remote_code=cfg.trust_remote_code)
     # tokenise once here: the workers (and later trials) read the cache
@@ -72,7 +91,7 @@ def prepare(cfg: RunConfig) -> Prepared:
                          "add data or lower resources.num_workers.")
     steps = math.ceil(math.ceil(per_worker / cfg.train.batch_size) / cfg.train.grad_accum)
     summary = plan.summary(1, model_name=cfg.model, precision="fp32" if cfg.train.precision == "fp32" else "bf16")
-    return Prepared(cfg, model_path, summary, summary["param_groups"], steps, len(train_set), len(eval_set))
+    return Prepared(cfg, model_path, summary, steps, len(train_set), len(eval_set))
 
 
 def log_run_start(prep: Prepared, run_id: str) -> None:
@@ -107,21 +126,25 @@ def _fresh_name(storage: str, name: str) -> str:
     return candidate
 
 
-def make_trainer(prep: Prepared, run_name: str, callbacks: list, storage_path: str):
+def worker_resources(res) -> dict[str, float]:
+    gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (1 if res.use_gpu else 0)
+    return {"CPU": res.cpus_per_worker, **({"GPU": gpus} if gpus else {}), **res.resources_per_worker}
+
+
+def make_trainer(cfg: RunConfig, model_path: str, run_name: str, callbacks: list, storage_path: str):
+    """A TorchTrainer running ``loop.py`` on ``cfg.resources.num_workers`` workers; same name → same run on restart."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from .loop import train_loop_per_worker
 
-    cfg, res = prep.cfg, prep.cfg.resources
-    gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (1 if res.use_gpu else 0)
-    resources = {"CPU": res.cpus_per_worker, **({"GPU": gpus} if gpus else {}), **res.resources_per_worker}
+    res = cfg.resources
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.to_dict(), "model_path": prep.model_path,
+        train_loop_config={"run": cfg.to_dict(), "model_path": model_path,
                            "threads_per_worker": max(1, int(res.cpus_per_worker))},
         scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=worker_resources(res)),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path,
@@ -145,8 +168,7 @@ def run_training(cfg: RunConfig, address: str | None = None, resume: bool = Fals
 
     ray_env.connect(address)
     res = cfg.resources
-    gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (1 if res.use_gpu else 0)
-    ray_env.check_capacity(res.num_workers, res.cpus_per_worker, gpus, res.resources_per_worker)
+    ray_env.check_capacity(res.num_workers, worker_resources(res))
 
     run_id = tracking.find_run(uri, cfg.mlflow.experiment, RUN_KEY_TAG, f"{storage}/{run_name}") if resume else None
     if run_id:
@@ -157,7 +179,7 @@ def run_training(cfg: RunConfig, address: str | None = None, resume: bool = Fals
     status = "FAILED"
     try:
         log_run_start(prep, run_id)
-        trainer = make_trainer(prep, run_name, [TrainEpochLogger(uri, run_id)], storage)
+        trainer = make_trainer(cfg, prep.model_path, run_name, [TrainEpochLogger(uri, run_id)], storage)
         log.info("training %s: %d workers, %d optimizer steps per epoch, %d epochs", run_name, res.num_workers,
                  prep.steps_per_epoch, cfg.train.epochs)
         result = trainer.fit()

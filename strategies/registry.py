@@ -144,6 +144,36 @@ register(Strategy("vision_frozen_llm_full", "D: vision frozen, connector + langu
                   vlm_only=True, letter="D"))
 
 
+# --- which settings mean something to a strategy (a sweep samples only those) --------
+
+_LORA = {"lora_r", "lora_alpha", "lora_dropout", "lora_targets"}
+_ALWAYS = {"name", "lr", "weight_decay", "parts"}
+
+
+def settings_used(strategy: Strategy, is_vlm: bool) -> set[str]:
+    """StrategyConfig fields that change what ``strategy`` does on a (VLM or text) model."""
+    used = set(_ALWAYS)
+    name = strategy.name
+    if strategy.lora_sides:
+        used |= _LORA
+    if name == "progressive":
+        used.add("layers_per_epoch")
+    if name in ("top_k", "importance_top_k"):
+        used.add("top_k")
+    if name == "importance_top_k":
+        used.add("importance")
+    if name not in ("feature_extraction", "connector_only"):
+        used |= {"layer_decay", "train_embeddings"}  # more than one block's worth of LRs to shape
+    if name != "connector_only":
+        used.add("llm_lr")  # language blocks or the head train
+    if is_vlm:
+        if name != "feature_extraction":
+            used.add("connector_lr")
+        if name == "full" or "vision" in strategy.lora_sides:
+            used.add("vision_lr")  # only where the vision encoder trains
+    return used
+
+
 def trainable_units(strategy: Strategy, parts: ModelParts, cfg: StrategyConfig, epoch: int = 1) -> set[str]:
     """Fully trained units at ``epoch``, after the embeddings switch, limited to units the model has."""
     units = strategy.units(parts, cfg, epoch)
