@@ -25,7 +25,7 @@ def trainable_state(plan) -> dict[str, torch.Tensor]:
     return {n: params[n].detach().to("cpu").contiguous() for n in plan.ever_trainable_names}
 
 
-def save(directory, plan, optimizer, scheduler, scaler, epoch: int, step: int) -> None:
+def save(directory, plan, optimizer, scheduler, scaler, epoch: int, step: int, metrics: dict | None = None) -> None:
     directory = Path(directory)
     save_file(trainable_state(plan), str(directory / WEIGHTS))
     torch.save(
@@ -38,11 +38,12 @@ def save(directory, plan, optimizer, scheduler, scaler, epoch: int, step: int) -
         },
         directory / STATE,
     )
-    (directory / META).write_text(json.dumps({"epoch": epoch, "step": step, "strategy": plan.strategy.name}))
+    (directory / META).write_text(json.dumps({"epoch": epoch, "step": step, "strategy": plan.strategy.name,
+                                              "metrics": metrics or {}}))
 
 
 def load(directory, model, optimizer, scheduler, scaler) -> dict:
-    """Restore a checkpoint into freshly built objects; returns its meta (epoch, step)."""
+    """Restore a checkpoint into freshly built objects; returns its meta (epoch, step, metrics)."""
     directory = Path(directory)
     weights = load_file(str(directory / WEIGHTS))
     missing = set(weights) - {n for n, _ in model.named_parameters()}

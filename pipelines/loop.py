@@ -142,6 +142,10 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
         start_epoch, step = state["epoch"] + 1, state["step"]
         log.info("rank %d: resumed from %s at epoch %d (optimizer step %d)", env.rank, env.resume_dir, start_epoch, step)
 
+        if start_epoch > t.epochs:
+            # the run had finished before it was interrupted: say so again, so Tune gets the final result
+            report(state["metrics"], env.resume_dir if env.rank == 0 else None)
+            return
     if on_setup is not None:
         on_setup(plan, optimizer)
 
@@ -214,7 +218,7 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
         with tempfile.TemporaryDirectory(prefix="freezetune-ckpt-") as tmp:
             ckpt_dir = None
             if env.rank == 0:
-                checkpoints.save(tmp, plan, optimizer, scheduler, scaler, epoch=epoch, step=step)
+                checkpoints.save(tmp, plan, optimizer, scheduler, scaler, epoch=epoch, step=step, metrics=metrics)
                 if final and t.save != "none":
                     checkpoints.save_final_model(Path(tmp) / "final_model", plan, processor, merged=t.save == "merged")
                 ckpt_dir = tmp

@@ -21,12 +21,20 @@ class TrainEpochLogger(UserCallback):
     def __init__(self, tracking_uri: str, run_id: str):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.logged_epoch: int | None = None  # read from MLflow on first use (a resumed run has history)
 
     def after_report(self, run_context, metrics, checkpoint):
         if not metrics:
             return
         first = metrics[0]
-        tracking.log_metrics(self.tracking_uri, self.run_id, first, step=int(first.get("epoch", 0)))
+        epoch = int(first.get("epoch", 0))
+        if self.logged_epoch is None:
+            history = tracking.metric_history(self.tracking_uri, self.run_id, "eval_loss")
+            self.logged_epoch = max((step for step, _ in history), default=0)
+        if epoch <= self.logged_epoch:
+            return  # a restarted run re-reports what MLflow already holds
+        self.logged_epoch = epoch
+        tracking.log_metrics(self.tracking_uri, self.run_id, first, step=epoch)
         nodes = sorted({m.get("node_ip") for m in metrics if m.get("node_ip")})
         if nodes:
             tracking.set_tags(self.tracking_uri, self.run_id, {"nodes": ",".join(nodes)})

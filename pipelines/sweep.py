@@ -247,29 +247,16 @@ def _tune_config(plan: SweepPlan):
 # --- the ranked summary, from MLflow (the record that outlives the cluster) -----------
 
 def summarize(uri: str, parent_run_id: str, metric: str = "eval_loss", mode: str = "min") -> dict:
-    c = tracking.client(uri)
-    parent = c.get_run(parent_run_id)
-    children = c.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                             max_results=10000)
-    rows = []
-    for run in children:
-        history = [v for _, v in tracking.metric_history(uri, run.info.run_id, metric)]
-        best = (min(history) if mode == "min" else max(history)) if history else None
-        params = {k: v for k, v in run.data.params.items() if k.startswith("strategy.") or k == "seed"}
-        rows.append({"trial_id": run.data.tags.get("trial_id", ""), "run_id": run.info.run_id,
-                     "strategy": run.data.params.get("strategy.name", "?"), "outcome": run.data.tags.get("outcome", "running"),
-                     "best": best, "epochs": len(history), "params": params})
-    failed = lambda r: r["outcome"] in ("failed", "running") or r["best"] is None  # never ranked as best
-    sign = 1 if mode == "min" else -1
-    rows.sort(key=lambda r: (failed(r), sign * (r["best"] if r["best"] is not None else 0)))
-    varied = sorted({k for r in rows for k in r["params"] if k != "strategy.name"
-                     and len({rr["params"][k] for rr in rows if k in rr["params"]}) > 1})
-    table = format_table(
-        ["rank", "trial", "strategy", f"best {metric}", "epochs", "outcome"] + varied,
-        [[i + 1 if not failed(r) else None, r["trial_id"], r["strategy"], r["best"], r["epochs"], r["outcome"]]
-         + [_short(r["params"].get(k)) for k in varied] for i, r in enumerate(rows)],
-        title=f"Trials ranked by best {metric} ({mode}):")
-    return {"rows": rows, "text": table}
+    """The sweep's children ranked as `freezetune compare` ranks them (finished first, then stopped early;
+    running and failed trials never ranked), as rows for the parent run and the text printed at the end."""
+    from .compare import collect, render_text
+
+    cmp = collect(uri, runs=[parent_run_id], metric=metric, mode=mode)
+    rows = [{"rank": t.rank, "trial_id": t.trial_id, "run_id": t.run_id, "strategy": t.strategy, "outcome": t.outcome,
+             "best": t.best, "epochs": t.epochs_reached, "config_id": t.config_id,
+             "params": {k: v for k, v in t.params.items() if k.startswith("strategy.") or k == "seed"}}
+            for t in cmp.trials]
+    return {"rows": rows, "text": render_text(cmp), "verdict": cmp.verdict}
 
 
 def _short(value):
