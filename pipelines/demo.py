@@ -98,10 +98,11 @@ def demo_config(root: Path, base: str, data: dict, strategy: str = "connector_ll
         "cache_dir": str(root / "cache"),
         "storage_path": str(root / "runs"),
         "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "freezetune-demo"},
-        "strategy": {"name": strategy, "lr": 1e-3, "connector_lr": 2e-3, "llm_lr": 1e-3, "vision_lr": 1e-4,
-                     "lora_r": 8, "lora_alpha": 16},
+        # LoRA tolerates ~5x the LR of full fine-tuning; the vision encoder gets the smallest
+        "strategy": {"name": strategy, "lr": 1e-3, "connector_lr": 1e-2 if "lora" in strategy else 2e-3,
+                     "llm_lr": 5e-3 if "lora" in strategy else 1e-3, "vision_lr": 1e-4, "lora_r": 8, "lora_alpha": 16},
         "data": {"train": str(data["finetune"]["train"]), "eval": str(data["finetune"]["eval"]), "max_length": 64},
-        "train": {"epochs": 3, "batch_size": 8, "save": "adapter"},
+        "train": {"epochs": 4, "batch_size": 8, "save": "adapter"},
         "resources": {"num_workers": 2, "cpus_per_worker": 1},
     })
 
@@ -121,4 +122,5 @@ def run_demo(root: Path = DEMO_ROOT, strategy: str = "connector_llm_lora", addre
             print(f"  last {key}: {result['metrics'][key]:.4g}")
     print(f"  checkpoint: {result['checkpoint']}")
     print(f"Look at it:  mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+    print("Compare strategies next:  freezetune sweep tune_spaces/demo.yaml")
     return result

@@ -42,3 +42,14 @@ def ray_session():
     connect(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_root(workdir):
+    """The demo's generated data and pre-trained base (the real pre-training), built once per session."""
+    root = workdir / "demo"
+    os.environ["FREEZETUNE_DEMO_ROOT"] = str(root)
+    from pipelines.demo import resolve_demo_uri
+
+    resolve_demo_uri("demo:base")
+    return root

@@ -19,17 +19,6 @@ from tune_spaces import parse_spec, sample_configs
 SPACES = Path(__file__).resolve().parent.parent / "tune_spaces"
 
 
-@pytest.fixture(scope="session")
-def demo_root(workdir):
-    """The demo's generated data and pre-trained base, built once for the tests that use `demo:` URIs."""
-    root = workdir / "demo"
-    os.environ["FREEZETUNE_DEMO_ROOT"] = str(root)
-    from pipelines.demo import resolve_demo_uri
-
-    resolve_demo_uri("demo:base")
-    return root
-
-
 def children_of(uri: str, parent_id: str):
     c = tracking.client(uri)
     exp = c.get_run(parent_id).info.experiment_id
