@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set strategy.lr=1e-4 (YAML value syntax)")
 
+    p = sub.add_parser("analyze", help="layer importance (ablation, block influence, gradient signal) of a model "
+                       "on its data, as a Ray job logged to MLflow")
+    from .analyze import add_arguments as analyze_arguments  # torch-free import: --help stays instant
+
+    analyze_arguments(p)
+
     p = sub.add_parser("sweep", help="Ray Tune over strategies and learning rates (tune_spaces/*.yaml)")
     p.add_argument("space", help="tune space YAML, e.g. tune_spaces/demo.yaml")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
@@ -85,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate, print the space and trial resources, start nothing")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of the file, e.g. --set base.model=tiny-llava --set sweep.num_samples=2")
+
+    from .compare import add_arguments as compare_arguments  # light import
+
+    p = sub.add_parser("compare", help="rank a sweep's trials from MLflow: tables, plots, an HTML report")
+    compare_arguments(p)
 
     p = sub.add_parser("demo", help="the embedded default: tiny VLM, generated data, local Ray and MLflow")
     p.add_argument("--strategy", default="connector_llm_lora", help="strategy of the fine-tuning step")
@@ -141,6 +152,10 @@ def run(argv: list[str] | None = None) -> int:
         result = run_training(cfg, address=args.address, resume=args.resume)
         print(json.dumps({k: result[k] for k in ("run_id", "run_name", "checkpoint", "tracking_uri")}, indent=1))
         return 0
+    if args.command == "analyze":
+        from .analyze import main as analyze_main
+
+        return analyze_main(args)
     if args.command == "sweep":
         from .sweep import run_sweep
 
@@ -150,6 +165,10 @@ def run(argv: list[str] | None = None) -> int:
         if not args.dry_run:
             print(json.dumps({k: result[k] for k in ("parent_run_id", "name", "errors", "tracking_uri")}, indent=1))
         return 0
+    if args.command == "compare":
+        from .compare import main as compare_main
+
+        return compare_main(args)
     if args.command == "demo":
         from pathlib import Path
 

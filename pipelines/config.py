@@ -21,6 +21,7 @@ import yaml
 from strategies import ScheduleConfig, StrategyConfig
 
 from .data import DataConfig
+from .importance import AnalysisSettings
 
 
 class ConfigError(ValueError):
@@ -81,6 +82,8 @@ class RunConfig:
     train: TrainSettings = _f(TrainSettings(), "loop settings")
     resources: Resources = _f(Resources(), "Ray Train scaling")
     mlflow: MlflowSettings = _f(MlflowSettings(), "MLflow tracking")
+    analysis: AnalysisSettings = _f(AnalysisSettings(), "layer importance (`freezetune analyze`; `importance: before|after|both` "
+                                                        "analyses a training run's model before and/or after fine-tuning)")
     storage_path: str | None = _f(None, "Ray storage for checkpoints (default ~/.freezetune/runs; shared storage on a cluster)")
     cache_dir: str | None = _f(None, "materialised presets and tokenised data (default ~/.freezetune/cache)")
 
@@ -118,6 +121,7 @@ class RunConfig:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.strategy.validate(f"{where}.strategy")
+        self.analysis.validate(f"{where}.analysis")
         self.data.validate(f"{where}.data")
 
 
@@ -237,6 +241,7 @@ def run_config_from_dict(data: dict, where: str = "config", base_dir: str | Path
             value = getattr(cfg.data, key)
             if value and not os.path.isabs(os.path.expanduser(value)):
                 setattr(cfg.data, key, str((Path(base_dir) / value).absolute()))
+    cfg.mlflow.tracking_uri = absolute_tracking_uri(cfg.tracking_uri)  # fixed now: later code may change cwd
     if cfg.data.cache_dir is None:  # one cache root for models and tokenised data
         cfg.data.cache_dir = os.path.join(cfg.resolved_cache_dir, "data")
     cfg.validate(where)
@@ -248,6 +253,13 @@ def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfi
     if overrides:
         data = deep_merge(data, overrides)
     return run_config_from_dict(data, where=str(path), base_dir=Path(path).parent)
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """`sqlite:///mlflow.db` (relative to the cwd) → an absolute path; other URIs unchanged."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(os.path.expanduser(uri[len("sqlite:///"):]))
+    return uri
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

@@ -205,6 +205,7 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
             "train_loss": train_loss,
             "eval_loss": eval_loss,
             "trainable_params": sum(p.numel() for p in trainable),
+            "total_params": sum(p.numel() for p in model.parameters()),
             "tokens_per_s": seen_tokens / seconds if seconds > 0 else 0.0,
             "epoch_seconds": seconds,
             "peak_memory_mb": peak_memory_mb(env.device),
@@ -248,6 +249,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(max(1, int(loop_config.get("threads_per_worker", 1))))
     ctx = ray.train.get_context()
@@ -260,6 +262,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         def report(metrics: dict, ckpt_dir: str | None) -> None:
             ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
-            ray.train.report({**metrics, "node_ip": ray.util.get_node_ip_address()}, checkpoint=ckpt)
+            where = {"node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id()}
+            ray.train.report({**metrics, **where}, checkpoint=ckpt)
 
         run_loop(cfg, loop_config["model_path"], env, report)

@@ -35,9 +35,9 @@ class TrainEpochLogger(UserCallback):
             return  # a restarted run re-reports what MLflow already holds
         self.logged_epoch = epoch
         tracking.log_metrics(self.tracking_uri, self.run_id, first, step=epoch)
-        nodes = sorted({m.get("node_ip") for m in metrics if m.get("node_ip")})
+        nodes = sorted({m.get("node_id") for m in metrics if m.get("node_id")})
         if nodes:
-            tracking.set_tags(self.tracking_uri, self.run_id, {"nodes": ",".join(nodes)})
+            tracking.set_tags(self.tracking_uri, self.run_id, {"node_ids": ",".join(nodes)})
         if checkpoint is not None:
             tracking.set_tags(self.tracking_uri, self.run_id, {"last_checkpoint": checkpoint.path,
                                                               "last_epoch": first.get("epoch")})
@@ -93,8 +93,8 @@ class SweepMlflowCallback(TuneCallback):
             return  # already logged (a trial restarted from scratch reports its epochs again)
         tracking.log_metrics(self.uri, run_id, result, step=epoch)
         self._logged_epoch[trial.trial_id] = epoch
-        if result.get("node_ip"):
-            tracking.set_tags(self.uri, run_id, {"node_ip": result["node_ip"]})
+        if result.get("node_id"):  # where rank 0 ran: node ids tell nodes apart even on one host
+            tracking.set_tags(self.uri, run_id, {"node_ip": result.get("node_ip"), "node_id": result["node_id"]})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._child(trial)
@@ -106,6 +106,9 @@ class SweepMlflowCallback(TuneCallback):
                                "(its metric was below the cut at that rung)"})
         else:
             tracking.set_tags(self.uri, run_id, {"outcome": "finished"})
+        from .analyze import log_trial_importance
+
+        log_trial_importance(self.uri, run_id, f"{self.sweep_dir}/trials/{trial.trial_id}")
         tracking.end_run(self.uri, run_id, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -26,13 +26,13 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
                     or Path("~/.ray/auth_token").expanduser().is_file()):
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-    # Runtime env of the workers: quiet the tokenizers fork warning, keep threads per worker at 1 by default.
-    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     try:
         if address:
+            # no runtime_env here: inside `ray job submit` the job's own runtime env applies (merging conflicts)
             log.info("connecting to the Ray cluster at %s", address)
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True)
             return False
+        runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}  # quiet the tokenizers fork warning
         log.info("starting a local Ray instance (dashboard on 127.0.0.1)")
         # The dashboard stays on: without it Train V2 never frees a finished run's placement group.
         # address="local": a new instance, never a stray cluster some other process started on this machine
@@ -62,3 +62,64 @@ def check_capacity(num_workers: int, per_worker: dict[str, float]) -> None:
             f"{len(nodes)} node(s), room for {fits} worker(s)); lower resources.num_workers or the per-worker "
             "resources, or add nodes (set FREEZETUNE_AUTOSCALING=1 on an autoscaling cluster)."
         )
+
+
+def _probe(paths: dict[str, str], urls: dict[str, str]) -> dict[str, str]:
+    """Runs on one node: which paths it cannot see and which URLs it cannot reach."""
+    import socket
+    import urllib.request
+
+    problems = {}
+    for what, path in paths.items():
+        if not os.path.exists(path):
+            problems[what] = f"{path} does not exist on {socket.gethostname()}"
+    for what, url in urls.items():
+        try:
+            urllib.request.urlopen(url, timeout=5).close()
+        except OSError as err:
+            problems[what] = f"{url} unreachable from {socket.gethostname()} ({err})"
+    return problems
+
+
+def check_reachable_from_all_nodes(paths: dict[str, str], urls: dict[str, str]) -> None:
+    """On a multi-node cluster, every node must see the run's files and reach MLflow: check before training.
+
+    ``paths``: what → local path (cloud URIs are skipped); ``urls``: what → URL to GET.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    local = {k: v for k, v in paths.items() if v and "://" not in v}
+    probe = ray.remote(num_cpus=0)(_probe)
+    futures = {
+        (n["NodeManagerAddress"], n["NodeID"][:8]): probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(local, urls)
+        for n in nodes
+    }
+    failures = []
+    for (ip, node), future in futures.items():
+        for what, problem in ray.get(future, timeout=60).items():
+            failures.append(f"  {what}: {problem} (node {ip} {node})")
+    if failures:
+        raise ClusterError(
+            "this cluster has several nodes and some cannot reach what the run needs:\n" + "\n".join(failures)
+            + "\nPut storage_path, cache_dir, data and a SQLite MLflow store on storage every node mounts "
+            "(NFS/EFS, or s3://... for storage_path), or use an MLflow server every node can reach "
+            "(mlflow.tracking_uri: http://<head>:5000)."
+        )
+
+
+def leave_job_working_dir(stable_dir: str) -> None:
+    """Under `ray job submit` the driver starts inside the job's unpacked working_dir, which Ray deletes once the
+    trial actors sharing that runtime env exit; Tune then fails in os.getcwd(). Work from our own folder instead
+    (every path of the run is absolute by now)."""
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:
+        cwd = "runtime_resources"
+    if "runtime_resources" in cwd:
+        os.makedirs(stable_dir, exist_ok=True)
+        os.chdir(stable_dir)

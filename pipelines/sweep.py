@@ -47,8 +47,12 @@ class SweepPlan:
 # --- building and checking ---------------------------------------------------------
 
 def trial_config(plan: SweepPlan, overrides: dict[str, Any], seed_index: int = 0) -> RunConfig:
+    from .analyze import apply_importance
+
     merged = deep_merge(plan.base_dict, nest(plan.spec.trial_overrides(overrides, seed_index)))
-    return run_config_from_dict(merged, where=f"{plan.spec.path or plan.spec.name} trial {overrides}")
+    cfg = run_config_from_dict(merged, where=f"{plan.spec.path or plan.spec.name} trial {overrides}")
+    apply_importance(cfg)  # importance_top_k as a choice: its ranking, read once per process (cached)
+    return cfg
 
 
 def build_sweep_plan(path: str | Path, overrides: dict | None = None) -> SweepPlan:
@@ -124,7 +128,16 @@ def run_trial(config: dict, plan: SweepPlan, model_path: str, trials_storage: st
     overrides, seed_index = trial_settings(config, plan.configs)
     cfg = trial_config(plan, overrides, seed_index)
     trial_id = ray.tune.get_context().get_trial_id()
-    make_trainer(cfg, model_path, trial_id, [TuneReportCallback()], trials_storage).fit()
+    when, trial_dir = cfg.analysis.importance, f"{trials_storage}/{trial_id}"
+    if when in ("before", "both"):
+        from .analyze import trial_importance
+
+        trial_importance(cfg, model_path, "before", trial_dir)
+    result = make_trainer(cfg, model_path, trial_id, [TuneReportCallback()], trials_storage).fit()
+    if when in ("after", "both") and result.checkpoint is not None:
+        from .analyze import trial_importance
+
+        trial_importance(cfg, model_path, "after", trial_dir, checkpoint=result.checkpoint.path)
 
 
 # --- the sweep ----------------------------------------------------------------------
@@ -137,6 +150,7 @@ def _fresh_name(storage: str, name: str) -> str:
 
 def run_sweep(path: str | Path, address: str | None = None, resume: bool = False, dry_run: bool = False,
               overrides: dict | None = None) -> dict:
+    path = Path(path).absolute()  # ray.init inside a job may change the working directory
     plan = build_sweep_plan(path, overrides)
     print(describe(plan), flush=True)
     if dry_run:
@@ -147,7 +161,7 @@ def run_sweep(path: str | Path, address: str | None = None, resume: bool = False
 
     from . import ray_env
     from .mlflow_callbacks import SweepMlflowCallback
-    from .train import prepare, worker_resources
+    from .train import check_cluster_reach, prepare, worker_resources
 
     spec, base = plan.spec, plan.base
     prep = prepare(base)  # tracking reachable, model resolved, data tokenised once for every trial
@@ -158,7 +172,9 @@ def run_sweep(path: str | Path, address: str | None = None, resume: bool = False
         raise ValueError(f"--resume: no sweep to resume at {sweep_dir}; run without --resume to start it.")
 
     ray_env.connect(address)
+    ray_env.leave_job_working_dir(storage)
     ray_env.check_capacity(spec.sweep.resources.num_workers, worker_resources(base.resources))
+    check_cluster_reach(base, prep.model_path)
 
     parent = tracking.find_run(uri, base.mlflow.experiment, SWEEP_KEY_TAG, sweep_dir) if resume else None
     if parent:
@@ -173,9 +189,11 @@ def run_sweep(path: str | Path, address: str | None = None, resume: bool = False
         tracking.log_text(uri, parent, describe(plan), "space/space.txt")
 
     callback = SweepMlflowCallback(uri, base.mlflow.experiment, parent, sweep_dir, plan, base.train.epochs)
+    # The trial function only drives; its TorchTrainer's workers hold the real resources. It lives on the head
+    # node: scattered over worker nodes, its CPU slivers would leave no node a whole CPU for a Train worker.
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, plan=plan, model_path=prep.model_path, trials_storage=f"{sweep_dir}/trials"),
-        {"cpu": 0.05},  # the trial function only drives; its TorchTrainer's workers hold the real resources
+        tune.PlacementGroupFactory([{"CPU": 0.05, "node:__internal_head__": 0.001}]),
     )
     status = "FAILED"
     try:

@@ -113,8 +113,11 @@ def experiment_id(uri: str, name: str) -> str:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):  # artifacts beside the store, not in whatever ./mlruns the cwd has
+        location = (Path(uri[len("sqlite:///"):]).expanduser().absolute().parent / "mlartifacts" / name).as_uri()
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, artifact_location=location)
     except Exception:  # created concurrently
         return c.get_experiment_by_name(name).experiment_id
 

@@ -81,6 +81,9 @@ def prepare(cfg: RunConfig) -> Prepared:
 
     tracking.check_tracking_uri(cfg.tracking_uri)
     model_path = resolve_model(cfg)
+    from .analyze import apply_importance
+
+    apply_importance(cfg, model_path)  # importance_top_k: strategy.importance_from -> strategy.importance
     plan = skeleton_plan(model_path, cfg)
     processor = load_processor(model_path, trust_remote_code=cfg.trust_remote_code)
     # tokenise once here: the workers (and later trials) read the cache
@@ -92,6 +95,22 @@ def prepare(cfg: RunConfig) -> Prepared:
     steps = math.ceil(math.ceil(per_worker / cfg.train.batch_size) / cfg.train.grad_accum)
     summary = plan.summary(1, model_name=cfg.model, precision="fp32" if cfg.train.precision == "fp32" else "bf16")
     return Prepared(cfg, model_path, summary, steps, len(train_set), len(eval_set))
+
+
+def check_cluster_reach(cfg: RunConfig, model_path: str) -> None:
+    """Jobs must not depend on the submitting machine: on a multi-node cluster every node must see these."""
+    from . import ray_env
+
+    Path(cfg.resolved_storage_path).mkdir(parents=True, exist_ok=True)
+    paths = {"storage_path": cfg.resolved_storage_path, "model": model_path if os.path.isdir(model_path) else "",
+             "data.train": cfg.data.train, "data.eval": cfg.data.eval or ""}
+    urls = {}
+    uri = cfg.tracking_uri
+    if uri.startswith("sqlite:///"):
+        paths["mlflow.tracking_uri (SQLite file)"] = str(Path(uri[len("sqlite:///"):]).expanduser().absolute().parent)
+    elif uri.startswith(("http://", "https://")):
+        urls["mlflow.tracking_uri"] = uri.rstrip("/") + "/health"
+    ray_env.check_reachable_from_all_nodes(paths, urls)
 
 
 def log_run_start(prep: Prepared, run_id: str) -> None:
@@ -167,8 +186,10 @@ def run_training(cfg: RunConfig, address: str | None = None, resume: bool = Fals
     run_name = base_name if resume else _fresh_name(storage, base_name)
 
     ray_env.connect(address)
+    ray_env.leave_job_working_dir(storage)
     res = cfg.resources
     ray_env.check_capacity(res.num_workers, worker_resources(res))
+    check_cluster_reach(cfg, prep.model_path)
 
     run_id = tracking.find_run(uri, cfg.mlflow.experiment, RUN_KEY_TAG, f"{storage}/{run_name}") if resume else None
     if run_id:
@@ -180,10 +201,23 @@ def run_training(cfg: RunConfig, address: str | None = None, resume: bool = Fals
     try:
         log_run_start(prep, run_id)
         trainer = make_trainer(cfg, prep.model_path, run_name, [TrainEpochLogger(uri, run_id)], storage)
+        when, analysis_dir = cfg.analysis.importance, f"{storage}/{run_name}/importance"
+        if when in ("before", "both"):
+            from .analyze import trial_importance
+
+            trial_importance(cfg, prep.model_path, "before", analysis_dir)
         log.info("training %s: %d workers, %d optimizer steps per epoch, %d epochs", run_name, res.num_workers,
                  prep.steps_per_epoch, cfg.train.epochs)
         result = trainer.fit()
         checkpoint = result.checkpoint.path if result.checkpoint else None
+        if when in ("after", "both") and checkpoint:
+            from .analyze import trial_importance
+
+            trial_importance(cfg, prep.model_path, "after", analysis_dir, checkpoint=checkpoint)
+        if when:
+            from .analyze import log_trial_importance
+
+            log_trial_importance(uri, run_id, analysis_dir)
         if checkpoint:
             tracking.set_tags(uri, run_id, {"checkpoint": checkpoint,
                                             "final_model": f"{checkpoint}/final_model" if cfg.train.save != "none" else ""})

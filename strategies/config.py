@@ -14,6 +14,9 @@ from typing import Any
 from .parts import PartsOverride
 
 
+IMPORTANCE_MEASURES = ("ablation", "influence", "grad_norm", "fisher")  # pipelines/importance.py computes them
+
+
 class StrategyConfigError(ValueError):
     """A strategy setting is wrong; the message names the field and what to do."""
 
@@ -41,6 +44,11 @@ class StrategyConfig:
     lora_targets: str | list[str] = _f("attention", "LoRA on `attention` projections (q/k/v/o), `all` linear layers "
                                                      "of a block, or a list of layer names (e.g. [q_proj, v_proj])")
     importance: dict[str, float] | None = _f(None, "importance_top_k: block unit -> score (higher = more important)")
+    importance_from: str | None = _f(None, "importance_top_k: where `importance` comes from: the MLflow run id of a "
+                                           "`freezetune analyze` run, a ranking JSON file, or `auto` (measured on the "
+                                           "base model before training)")
+    importance_measure: str = _f("ablation", "importance_top_k: the measure that ranks blocks: ablation, influence, "
+                                             "grad_norm or fisher")
     parts: dict[str, Any] | None = _f(None, "explicit module paths when the model's structure cannot be read")
 
     # ------------------------------------------------------------------
@@ -106,5 +114,8 @@ class StrategyConfig:
             raise StrategyConfigError(
                 f"{where}.lora_targets = {targets!r}: use `attention`, `all` or a non-empty list of layer names."
             )
+        if self.importance_measure not in IMPORTANCE_MEASURES:
+            raise StrategyConfigError(f"{where}.importance_measure = {self.importance_measure!r}: use one of "
+                                      f"{', '.join(IMPORTANCE_MEASURES)}.")
         if self.parts is not None:
             PartsOverride.from_dict(self.parts)

@@ -109,8 +109,8 @@ def _progressive(parts, cfg, epoch):
 def _importance_top_k(parts, cfg, epoch):
     if not cfg.importance:
         raise StrategyConfigError(
-            "strategy.importance is empty: importance_top_k needs a ranking "
-            "({unit: score}, from `freezetune analyze` or an analysis run id)."
+            "strategy.importance is empty: importance_top_k needs a ranking: set strategy.importance_from to the "
+            "run id of a `freezetune analyze` run (or a ranking JSON file, or `auto`), or give {unit: score}."
         )
     blocks = {u: s for u, s in cfg.importance.items() if ".block." in u}
     unknown = sorted(set(blocks) - set(parts.units()))
@@ -161,7 +161,7 @@ def settings_used(strategy: Strategy, is_vlm: bool) -> set[str]:
     if name in ("top_k", "importance_top_k"):
         used.add("top_k")
     if name == "importance_top_k":
-        used.add("importance")
+        used |= {"importance", "importance_from", "importance_measure"}
     if name not in ("feature_extraction", "connector_only"):
         used |= {"layer_decay", "train_embeddings"}  # more than one block's worth of LRs to shape
     if name != "connector_only":
