@@ -117,8 +117,26 @@ def parse_sets(items: list[str]) -> dict:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or err
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({problem}); fix it or quote it, "
+                             "e.g. --set 'strategy.lora_targets=[q_proj, v_proj]'") from None
     return out
+
+
+def _redacted_json(data: dict) -> str:
+    from .tracking import SECRET_PATTERN, redact
+
+    def scrub(value, key: str = ""):
+        if isinstance(value, dict):
+            return {k: scrub(v, str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v, key) for v in value]
+        return "***" if value is not None and key and SECRET_PATTERN.search(key) else value
+
+    return redact(json.dumps(scrub(data), indent=1))
 
 
 def _logging() -> None:
@@ -150,7 +168,7 @@ def run(argv: list[str] | None = None) -> int:
         _logging()
         cfg = load_run_config(args.config, parse_sets(args.set))
         result = run_training(cfg, address=args.address, resume=args.resume)
-        print(json.dumps({k: result[k] for k in ("run_id", "run_name", "checkpoint", "tracking_uri")}, indent=1))
+        print(_redacted_json({k: result[k] for k in ("run_id", "run_name", "checkpoint", "tracking_uri")}))
         return 0
     if args.command == "analyze":
         from .analyze import main as analyze_main
@@ -163,7 +181,7 @@ def run(argv: list[str] | None = None) -> int:
         result = run_sweep(args.space, address=args.address, resume=args.resume, dry_run=args.dry_run,
                            overrides=parse_sets(args.set))
         if not args.dry_run:
-            print(json.dumps({k: result[k] for k in ("parent_run_id", "name", "errors", "tracking_uri")}, indent=1))
+            print(_redacted_json({k: result[k] for k in ("parent_run_id", "name", "errors", "tracking_uri")}))
         return 0
     if args.command == "compare":
         from .compare import main as compare_main

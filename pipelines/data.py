@@ -86,7 +86,8 @@ class DataConfig:
             if Path(value).suffix.lower() not in SUFFIXES:
                 raise DataError(f"{where}.{name} = {value!r}: use a .jsonl or .parquet file.")
             if not Path(value).is_file():
-                raise DataError(f"{where}.{name} = {value!r}: no such file.")
+                raise DataError(f"{where}.{name} = {value!r}: no such file; fix the path (relative paths in a "
+                                "config file start from the file's folder).")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise DataError(f"{where}.eval_fraction = {self.eval_fraction}: use a value in [0, 1), e.g. 0.1.")
         if self.max_length < 8:
@@ -125,7 +126,8 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
             try:
                 out.append((f"{path}, line {n}", json.loads(line)))
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {n}: malformed JSON ({err.msg} at column {err.colno}).") from err
+                raise DataError(f"{path}, line {n}: malformed JSON ({err.msg} at column {err.colno}); fix that line "
+                                "(one JSON object per line).") from err
     return out
 
 
@@ -156,7 +158,8 @@ def _check_image(where: str, raw: str, root: Path) -> Path:
         with Image.open(path) as img:  # reads the header only: cheap, catches non-images
             img.size
     except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{where}: image `{raw}` ({path}) cannot be read as an image ({err}).") from err
+        raise DataError(f"{where}: image `{raw}` ({path}) cannot be read as an image ({err}); replace the file "
+                        "or fix the path on that line.") from err
     return path
 
 
@@ -173,7 +176,8 @@ def read_records(path: str | Path, image_root: str | Path | None = None, max_sam
     if max_samples is not None:
         rows = rows[:max_samples]
     if not rows:
-        raise DataError(f"{path}: no records (empty dataset).")
+        raise DataError(f"{path}: no records (empty dataset); add records (one JSON object per line) or point "
+                        "data.train / data.eval at another file.")
     records, file_kind, first_where = [], None, None
     for where, row in rows:
         kind = _kind_of(row)

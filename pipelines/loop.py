@@ -166,6 +166,7 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
         started = time.perf_counter()
         batches = _batches(train_shard, t.batch_size, pad_id, epoch_seed=cfg.seed * 1000 + epoch)
         loss_sum = tokens = seen_tokens = 0.0
+        skipped = 0
         for window in windows(batches, t.grad_accum):
             # divide by the window's labelled tokens: N micro-batches == one N-times-larger batch
             window_tokens = max(sum(labelled_tokens(b) for b in window), 1)
@@ -188,8 +189,11 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
             if t.max_grad_norm > 0:
                 scaler.unscale_(optimizer)  # clip true gradients, not scaled ones
                 torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
+            scale = scaler.get_scale() if scaler.is_enabled() else None
             scaler.step(optimizer)
             scaler.update()
+            if scale is not None and scaler.get_scale() < scale:  # fp16 overflow: the scaler skipped this step
+                skipped += 1
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)  # None grads: AdamW skips frozen params entirely
             step += 1
@@ -211,6 +215,11 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
             "peak_memory_mb": peak_memory_mb(env.device),
             "optimizer_steps": step,
         }
+        if scaler.is_enabled():
+            metrics["amp_skipped_steps"] = skipped
+            if skipped:
+                log.warning("epoch %d: the fp16 GradScaler skipped %d of %d steps (inf/nan gradients)",
+                            epoch, skipped, steps_per_epoch)
         for group in optimizer.param_groups:
             metrics[f"lr/{group['name']}"] = group["lr"]
 

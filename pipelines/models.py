@@ -128,7 +128,9 @@ def resolve_model_path(spec: str, cache_root: str | Path | None = None) -> str:
         return spec
     if os.path.sep in spec and (spec.startswith((".", os.path.sep, "~")) or spec.count("/") > 1):
         # Looks like a path, not "org/name": say so instead of asking the hub.
-        raise ModelLoadError(f"model `{spec}`: no such folder. Built-in presets: {', '.join(presets.PRESETS)}.")
+        raise ModelLoadError(f"model `{spec}`: no such folder (looked at {os.path.abspath(os.path.expanduser(spec))}); "
+                             f"give a folder saved with save_pretrained, or use a built-in preset: "
+                             f"{', '.join(presets.PRESETS)}.")
     return spec
 
 

@@ -19,9 +19,11 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Initialise Ray once per process; True when this call started a local instance."""
     import ray
 
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_address_reachable(address)  # even when Ray is up in this process: a wrong address is an error
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
     # Ray 2.60 clusters use token auth; a client with the token file must say so to use it.
     if address and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
                     or Path("~/.ray/auth_token").expanduser().is_file()):
@@ -32,17 +34,48 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
             log.info("connecting to the Ray cluster at %s", address)
             ray.init(address=address, log_to_driver=True)
             return False
-        runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}  # quiet the tokenizers fork warning
-        log.info("starting a local Ray instance (dashboard on 127.0.0.1)")
-        # The dashboard stays on: without it Train V2 never frees a finished run's placement group.
+        # The dashboard stays on: Train V2's placement-group cleaner asks the State API (served by the dashboard)
+        # whether a run's controller died before it frees the run's resources. The cleaner finds that API by
+        # auto-detection, which fails as soon as a second Ray instance runs on the machine; then finished
+        # trials keep their CPUs and the next trial never starts. So tell every worker where ours is.
+        dashboard_port = _free_port()
+        api = f"http://127.0.0.1:{dashboard_port}"
+        runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false",  # quiet the tokenizers fork warning
+                                    "RAY_API_SERVER_ADDRESS": api}}
+        log.info("starting a local Ray instance (dashboard on %s)", api)
         # address="local": a new instance, never a stray cluster some other process started on this machine
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env=runtime_env)
+                 dashboard_port=dashboard_port, runtime_env=runtime_env)
+        os.environ["RAY_API_SERVER_ADDRESS"] = api
         return True
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ClusterError(
             f"cannot connect to Ray at {address!r}: {err}. Check the address (`ray status` on the head node), "
             "and for token auth export RAY_AUTH_MODE=token with the cluster's ~/.ray/auth_token."
+        ) from None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _check_address_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """A GCS address that does not answer fails in seconds here, not after Ray's own minute of retries."""
+    import socket
+
+    if address in ("auto", "local") or "://" in address:
+        return  # ray://, or Ray's own discovery: let ray.init decide
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as err:
+        raise ClusterError(
+            f"Ray cluster address {address!r} is unreachable ({err}). Check --address / $RAY_ADDRESS "
+            "(`ray status` on the head prints it), or leave both unset to start a local Ray instance."
         ) from None
 
 

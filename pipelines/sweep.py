@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,10 @@ def run_sweep(path: str | Path, address: str | None = None, resume: bool = False
         tracking.log_text(uri, parent, describe(plan), "space/space.txt")
 
     callback = SweepMlflowCallback(uri, base.mlflow.experiment, parent, sweep_dir, plan, base.train.epochs)
+    outbox = f"{sweep_dir}/mlflow_outbox.json"
+    if resume and os.path.exists(outbox):
+        callback.replay(outbox)
+        os.remove(outbox)
     # The trial function only drives; its TorchTrainer's workers hold the real resources. It lives on the head
     # node: scattered over worker nodes, its CPU slivers would leave no node a whole CPU for a Train worker.
     trainable = tune.with_resources(
@@ -205,6 +210,14 @@ def run_sweep(path: str | Path, address: str | None = None, resume: bool = False
                                run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[callback],
                                                          verbose=1))
         grid = tuner.fit()
+        writer = _mlflow_writer(tuner, callback)
+        undelivered = writer.flush()
+        if undelivered:
+            writer.dump(outbox)
+            raise tracking.TrackingError(
+                f"the sweep finished but MLflow ({tracking.redact(uri)}) stayed unreachable: {undelivered} write(s) "
+                f"are kept in {outbox}. Bring MLflow back and run `freezetune sweep {path} --resume`: it delivers "
+                "them first (no trial is rerun).")
         summary = summarize(uri, parent, spec.sweep.metric, spec.sweep.mode)
         print("\n" + summary["text"], flush=True)
         tracking.log_text(uri, parent, summary["text"], "summary/ranked.txt")
@@ -223,6 +236,17 @@ def run_sweep(path: str | Path, address: str | None = None, resume: bool = False
         raise
     finally:
         tracking.end_run(uri, parent, status)
+
+
+def _mlflow_writer(tuner, fallback):
+    """The callback instance Tune actually used (a restored Tuner carries its own unpickled copy)."""
+    from .mlflow_callbacks import SweepMlflowCallback
+
+    try:
+        callbacks = tuner._local_tuner.get_run_config().callbacks or []
+    except AttributeError:
+        callbacks = []
+    return next((c for c in callbacks if isinstance(c, SweepMlflowCallback)), fallback)
 
 
 def _settings_dict(spec: SweepSpec) -> dict:

@@ -8,6 +8,8 @@ store never sees concurrent writers.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -45,10 +47,10 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
                 if resp.status != 200:
-                    raise TrackingError(f"MLflow server {uri} answered {resp.status} on /health.")
+                    raise TrackingError(f"MLflow server {redact(uri)} answered {resp.status} on /health.")
         except (urllib.error.URLError, OSError) as err:
             raise TrackingError(
-                f"MLflow tracking server {uri} is unreachable ({getattr(err, 'reason', err)}). Start it "
+                f"MLflow tracking server {redact(uri)} is unreachable ({getattr(err, 'reason', err)}). Start it "
                 "(`mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db`) or set "
                 "mlflow.tracking_uri / $MLFLOW_TRACKING_URI to a reachable one."
             ) from None
@@ -73,14 +75,20 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<secret>[^@/\s]+)@", re.I)
+
+
+def redact(text: str) -> str:
+    """Passwords in URLs (https://user:secret@host) → https://user:***@host."""
+    return URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+
+
 def safe_params(params: dict[str, Any]) -> dict[str, str]:
-    """String params for MLflow: secrets redacted, long values truncated."""
+    """String params for MLflow: secrets redacted (by key name and in URLs), long values truncated."""
     out = {}
     for key, value in params.items():
         text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-        if SECRET_PATTERN.search(key):
-            text = "***"
-        out[key] = text[:MAX_PARAM_LEN]
+        out[key] = "***" if SECRET_PATTERN.search(key) else redact(text)[:MAX_PARAM_LEN]
     return out
 
 
@@ -92,8 +100,22 @@ def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
             if k not in junk and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
-def _retry(fn, *args, attempts: int = 5, **kwargs):
+_ATTEMPTS = contextvars.ContextVar("mlflow_attempts", default=5)
+
+
+@contextlib.contextmanager
+def attempts(n: int):
+    """Fewer retries inside this block (while MLflow is known to be away, one try per event is enough)."""
+    token = _ATTEMPTS.set(n)
+    try:
+        yield
+    finally:
+        _ATTEMPTS.reset(token)
+
+
+def _retry(fn, *args, **kwargs):
     """MLflow calls retried with backoff: a busy SQLite file or a restarting server is not a lost run."""
+    attempts = _ATTEMPTS.get()
     delay = 0.5
     for attempt in range(attempts):
         try:

@@ -80,6 +80,9 @@ def prepare(cfg: RunConfig) -> Prepared:
     from .models import load_processor
 
     tracking.check_tracking_uri(cfg.tracking_uri)
+    if cfg.trust_remote_code:
+        log.warning("model `%s`: trust_remote_code=True runs Python code shipped with the model (here and on every "
+                    "worker); only use it for sources you trust.", cfg.model)
     model_path = resolve_model(cfg)
     from .analyze import apply_importance
 

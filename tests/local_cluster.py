@@ -139,7 +139,7 @@ class MlflowServer:
     def start(self) -> "MlflowServer":
         self.root.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.log = open(self.root / "server.log", "w")
+        self.log = open(self.root / "server.log", "a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
@@ -154,3 +154,4 @@ class MlflowServer:
             self.proc.wait()
         if getattr(self, "log", None):
             self.log.close()
+        self.proc = None
