@@ -102,7 +102,8 @@ class SweepMlflowCallback(TuneCallback):
             self._outbox.append((handler, args))
             return
         try:
-            handler(*args)
+            with tracking.attempts(2):  # a Tune callback must not stall the driver: queue after one retry
+                handler(*args)
         except Exception as err:  # noqa: BLE001 - MLflow/requests/sqlite errors alike
             self._outbox.append((handler, args))
             log.warning("MLflow unreachable (%s): keeping this write and the next ones until it returns; "

@@ -22,6 +22,11 @@ from typing import Any, Iterable
 
 log = logging.getLogger("freezetune.tracking")
 
+# MLflow's HTTP client retries each call for minutes on its own; a sweep driver must not stall that long
+# while a server restarts. One quick try per call here, and our own short backoff (_retry) around it.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
 SECRET_PATTERN = re.compile(r"(token|secret|password|passwd|api[_-]?key|access[_-]?key|credential)", re.I)
 MAX_PARAM_LEN = 6000
 
