@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,11 @@ def test_sweep_job_on_a_two_node_cluster(tmp_path, demo_files, model_dirs):
                "--", "freezetune", "sweep", "tune_spaces/demo.yaml"]
         for key, value in sets.items():
             cmd += ["--set", f"{key}={value}"]
-        done = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=420)
+        for _ in range(12):  # the head's job agent can register a little after the job API answers
+            done = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=420)
+            if "No available agent to submit job" not in done.stderr:
+                break
+            time.sleep(5)
         assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-4000:] + done.stderr[-2000:]
 
         # through the MLflow server's API, as a user comparing results would
