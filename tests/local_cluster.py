@@ -6,6 +6,7 @@ processes they started (never `ray stop`, which would kill every Ray instance on
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -97,6 +98,13 @@ class LocalRayCluster:
                              text=True, timeout=30)
         active = out.stdout.split("Active:")[-1].split("Pending:")[0] if "Active:" in out.stdout else ""
         return sum(1 for line in active.splitlines() if line.strip().startswith("1 node_"))
+
+    def head_node_id(self) -> str:
+        out = subprocess.run([RAY, "list", "nodes", "--address", self.dashboard, "--format", "json",
+                              "--filter", "is_head_node=True"], env=self.env, capture_output=True, text=True,
+                             timeout=60, check=True)
+        (head,) = json.loads(out.stdout)
+        return head["node_id"]
 
     def _jobs_ready(self) -> bool:
         out = subprocess.run([RAY, "job", "list", "--address", self.dashboard], env=self.env, capture_output=True,
