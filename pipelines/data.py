@@ -29,7 +29,7 @@ import torch
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # what HF models' loss functions skip
-CACHE_VERSION = 1  # bump when the tokenised layout changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when the tokenised layout changes, so old caches are not reused
 SUFFIXES = (".jsonl", ".parquet")
 KINDS = {  # kind -> the keys that make it (checked in this order)
     "image": ("image", "prompt", "response"),
@@ -148,27 +148,32 @@ def _check_types(where: str, kind: str, row: dict) -> None:
             raise DataError(f"{where}: `{key}` must be a {want.__name__}, got {type(row[key]).__name__}.")
 
 
-def _check_image(where: str, raw: str, root: Path) -> Path:
-    from PIL import Image, UnidentifiedImageError
-
+def _image_path(where: str, raw: str, root: Path) -> Path:
     path = Path(raw) if os.path.isabs(raw) else root / raw
     if not path.is_file():
         raise DataError(f"{where}: image `{raw}` not found (looked at {path}); fix the path or set data.image_root.")
-    try:
-        with Image.open(path) as img:  # reads the header only: cheap, catches non-images
-            img.size
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{where}: image `{raw}` ({path}) cannot be read as an image ({err}); replace the file "
-                        "or fix the path on that line.") from err
     return path
 
 
+def _check_image_header(rec: "_Record") -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(rec.image) as img:  # reads the header only: cheap, catches non-images
+            img.size
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"{rec.where}: image `{rec.data['image']}` ({rec.image}) cannot be read as an image ({err}); "
+                        "replace the file or fix the path on that line.") from err
+
+
 def read_records(path: str | Path, image_root: str | Path | None = None, max_samples: int | None = None,
-                 image_token: str | None = None) -> list[_Record]:
+                 image_token: str | None = None, check_image_headers: bool = True) -> list[_Record]:
     """Returns the checked records of one file (no tokenisation).
 
     Raises ``DataError`` for malformed JSON, an unknown or mixed record shape, a missing or
-    unreadable image, a prompt without ``image_token``, or an empty file.
+    unreadable image, a prompt without ``image_token``, or an empty file. Without
+    ``check_image_headers`` images are only checked to exist (a cache hit needs no more: the
+    cache key holds every image's size and mtime, and they were read when it was written).
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
@@ -200,9 +205,17 @@ def read_records(path: str | Path, image_root: str | Path | None = None, max_sam
             if image_token not in row["prompt"]:
                 raise DataError(f"{where}: the prompt has no `{image_token}` token; put it where the image goes, "
                                 f"e.g. \"{image_token}\\n{row['prompt']}\".")
-            image = _check_image(where, row["image"], root)
+            image = _image_path(where, row["image"], root)
         records.append(_Record(where, kind, row, image))
+    if check_image_headers:
+        _check_image_headers(records)
     return records
+
+
+def _check_image_headers(records: list[_Record]) -> None:
+    for rec in records:
+        if rec.image is not None:
+            _check_image_header(rec)
 
 
 # ---------------------------------------------------------------- tokenising
@@ -284,7 +297,7 @@ def _cache_key(path: Path, records: list[_Record], processor, max_length: int, m
     for rec in records:
         if rec.image is not None:  # stat, not bytes: cheap, and catches a replaced image
             st = rec.image.stat()
-            h.update(f"{rec.image.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            h.update(f"{os.path.abspath(rec.image)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     h.update(_processor_fingerprint(processor).encode())
     return h.hexdigest()
 
@@ -305,16 +318,46 @@ def _cache_file(cfg: DataConfig, path: Path, records: list[_Record], processor) 
     return root / f"{path.stem}-{_cache_key(path, records, processor, cfg.max_length, cfg.max_samples)[:20]}.pt"
 
 
-def _load_or_tokenize(cfg: DataConfig, path: Path, records: list[_Record], processor) -> list[dict]:
-    target = _cache_file(cfg, path, records, processor)
-    if target.is_file():
-        try:
-            examples = torch.load(target, weights_only=True)
-            cache_stats["cache_hits"] += 1
-            log.info("data %s: %d examples from cache %s", path, len(examples), target)
-            return examples
-        except Exception as err:  # a corrupt cache is rebuilt, never trusted
-            log.warning("data cache %s unreadable (%s); tokenising again", target, err)
+def _pack(examples: list[dict]) -> dict:
+    """One tensor per field (the examples concatenated, with each one's shape), not one per example: loading
+    thousands of small tensors one by one is what made a warm cache slow."""
+    keys = list(examples[0])
+    if any(list(ex) != keys for ex in examples):
+        raise ValueError("examples with different fields")  # one file holds one format: does not happen
+    fields = {}
+    for key in keys:
+        values = [ex[key] for ex in examples]
+        fields[key] = {"data": torch.cat([v.reshape(-1) for v in values]),
+                       "shapes": torch.tensor([list(v.shape) for v in values], dtype=torch.long)}
+    return {"layout": "packed", "count": len(examples), "fields": fields}
+
+
+def _unpack(packed: dict) -> list[dict]:
+    columns = {}
+    for key, field in packed["fields"].items():
+        shapes = [torch.Size(s) for s in field["shapes"].tolist()]
+        pieces = field["data"].split([s.numel() for s in shapes])
+        if field["shapes"].shape[1] != 1:  # 1-D fields (token ids, masks, labels) are already in shape
+            pieces = [piece.view(shape) for piece, shape in zip(pieces, shapes)]
+        columns[key] = list(pieces)
+    return [{k: col[i] for k, col in columns.items()} for i in range(packed["count"])]
+
+
+def _read_cache(target: Path, path: Path) -> list[dict] | None:
+    """The cached examples of ``path``, or None when there is no usable cache file."""
+    if not target.is_file():
+        return None
+    try:
+        examples = _unpack(torch.load(target, weights_only=True))
+    except Exception as err:  # a corrupt cache is rebuilt, never trusted
+        log.warning("data cache %s unreadable (%s); tokenising again", target, err)
+        return None
+    cache_stats["cache_hits"] += 1
+    log.info("data %s: %d examples from cache %s", path, len(examples), target)
+    return examples
+
+
+def _tokenize_into_cache(cfg: DataConfig, path: Path, records: list[_Record], processor, target: Path) -> list[dict]:
     examples = [ex for ex in (_tokenize(r, processor, cfg.max_length) for r in records) if ex is not None]
     dropped = len(records) - len(examples)
     if dropped:
@@ -327,7 +370,7 @@ def _load_or_tokenize(cfg: DataConfig, path: Path, records: list[_Record], proce
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=target.parent)
     os.close(fd)
     try:
-        torch.save(examples, tmp)
+        torch.save(_pack(examples), tmp)
         os.replace(tmp, target)  # atomic: concurrent workers never read half a file
     finally:
         if os.path.exists(tmp):
@@ -346,8 +389,15 @@ def load_datasets(cfg: DataConfig, processor, seed: int) -> tuple[list[dict], li
     cfg.validate()
     image_token = _image_token(processor)
     files = [Path(cfg.train)] + ([Path(cfg.eval)] if cfg.eval else [])
-    checked = [read_records(f, cfg.image_root, cfg.max_samples, image_token) for f in files]
-    loaded = [_load_or_tokenize(cfg, f, recs, processor) for f, recs in zip(files, checked)]
+    checked = [read_records(f, cfg.image_root, cfg.max_samples, image_token, check_image_headers=False)
+               for f in files]
+    targets = [_cache_file(cfg, f, recs, processor) for f, recs in zip(files, checked)]
+    cached = [_read_cache(t, f) for t, f in zip(targets, files)]
+    for recs, hit in zip(checked, cached):
+        if hit is None:  # every image of every file to tokenise is checked before any tokenising starts
+            _check_image_headers(recs)
+    loaded = [hit if hit is not None else _tokenize_into_cache(cfg, f, recs, processor, t)
+              for f, recs, t, hit in zip(files, checked, targets, cached)]
     train = loaded[0]
     if cfg.eval:
         return train, loaded[1]

@@ -129,6 +129,52 @@ def test_cache_key_follows_images(tmp_path, llava):
     assert cache_path(cfg, paths["train"], proc) != before
 
 
+def _same_examples(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]) for k in x)
+        for x, y in zip(a, b))
+
+
+def test_warm_cache_gives_back_exactly_what_was_tokenised(tmp_path, llava, tok):
+    # image-text (3-D pixel_values, 1-D ids) and classification (0-d labels): every field, shape and dtype
+    _, proc = llava
+    paths = make_demo_data(tmp_path / "d", n_train=6, n_eval=2, seed=4)
+    cfg = DataConfig(train=str(paths["train"]), eval=str(paths["eval"]), cache_dir=str(tmp_path / "c"))
+    cold = load_datasets(cfg, proc, seed=0)
+    hits = data_mod.cache_stats["cache_hits"]
+    warm = load_datasets(cfg, proc, seed=0)
+    assert data_mod.cache_stats["cache_hits"] == hits + 2
+    assert all(_same_examples(c, w) for c, w in zip(cold, warm))
+    assert cold[0][0]["pixel_values"].dim() == 3
+
+    labelled = write_jsonl(tmp_path / "cls.jsonl", [{"text": "x" * (i + 1), "label": i % 3} for i in range(7)])
+    cfg = cfg_for(tmp_path, labelled, eval_fraction=0)
+    cold, warm = load_datasets(cfg, tok, seed=0)[0], load_datasets(cfg, tok, seed=0)[0]
+    assert _same_examples(cold, warm) and warm[0]["labels"].dim() == 0
+
+
+def test_a_corrupt_cache_file_is_rebuilt(tmp_path, tok):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": f"row {i}"} for i in range(5)])
+    cfg = cfg_for(tmp_path, train, eval_fraction=0)
+    first, _ = load_datasets(cfg, tok, seed=0)
+    cache_path(cfg, train, tok).write_bytes(b"not a torch file")
+    tokenised = data_mod.cache_stats["tokenized_files"]
+    again, _ = load_datasets(cfg, tok, seed=0)
+    assert data_mod.cache_stats["tokenized_files"] == tokenised + 1 and _same_examples(first, again)
+
+
+def test_an_unreadable_image_in_eval_stops_before_train_is_tokenised(tmp_path, llava):
+    _, proc = llava
+    paths = make_demo_data(tmp_path / "d", n_train=3, n_eval=2, seed=5)
+    first_eval_image = tmp_path / "d" / json.loads(Path(paths["eval"]).read_text().splitlines()[0])["image"]
+    first_eval_image.write_text("not a png")
+    before = dict(data_mod.cache_stats)
+    with pytest.raises(DataError, match=r"line 1: image .* cannot be read as an image"):
+        load_datasets(DataConfig(train=str(paths["train"]), eval=str(paths["eval"]),
+                                 cache_dir=str(tmp_path / "c")), proc, seed=0)
+    assert data_mod.cache_stats == before
+
+
 # ---------------------------------------------------------------- split and shard
 def test_split_is_deterministic_and_disjoint(tmp_path, tok):
     train = write_jsonl(tmp_path / "t.jsonl", [{"text": f"row {i:02d}"} for i in range(40)])
