@@ -297,7 +297,8 @@ def run_analysis(cfg: RunConfig, settings: AnalysisSettings, address: str | None
     from .data import load_datasets
     from .importance import ImportanceError
     from .models import load_processor
-    from .train import resolve_model, worker_resources
+    from .train import resolve_model
+    from .trainer import worker_resources
 
     settings.validate()
     uri = cfg.tracking_uri

@@ -38,7 +38,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
         # whether a run's controller died before it frees the run's resources. The cleaner finds that API by
         # auto-detection, which fails as soon as a second Ray instance runs on the machine; then finished
         # trials keep their CPUs and the next trial never starts. So tell every worker where ours is.
-        dashboard_port = _free_port()
+        dashboard_port = free_port()
         api = f"http://127.0.0.1:{dashboard_port}"
         runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false",  # quiet the tokenizers fork warning
                                     "RAY_API_SERVER_ADDRESS": api}}
@@ -55,7 +55,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
         ) from None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:

@@ -124,7 +124,7 @@ def run_trial(config: dict, plan: SweepPlan, model_path: str, trials_storage: st
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .train import make_trainer
+    from .trainer import make_trainer
 
     overrides, seed_index = trial_settings(config, plan.configs)
     cfg = trial_config(plan, overrides, seed_index)
@@ -162,7 +162,8 @@ def run_sweep(path: str | Path, address: str | None = None, resume: bool = False
 
     from . import ray_env
     from .mlflow_callbacks import SweepMlflowCallback
-    from .train import check_cluster_reach, prepare, worker_resources
+    from .train import check_cluster_reach, prepare
+    from .trainer import worker_resources
 
     spec, base = plan.spec, plan.base
     prep = prepare(base)  # tracking reachable, model resolved, data tokenised once for every trial

@@ -20,6 +20,7 @@ from strategies import Plan, build_plan
 from . import tracking
 from .config import RunConfig
 from .data import load_datasets, shard
+from .trainer import make_trainer, worker_resources
 
 log = logging.getLogger("freezetune.train")
 
@@ -146,35 +147,6 @@ def _fresh_name(storage: str, name: str) -> str:
         n += 1
         candidate = f"{name}-{n}"
     return candidate
-
-
-def worker_resources(res) -> dict[str, float]:
-    gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (1 if res.use_gpu else 0)
-    return {"CPU": res.cpus_per_worker, **({"GPU": gpus} if gpus else {}), **res.resources_per_worker}
-
-
-def make_trainer(cfg: RunConfig, model_path: str, run_name: str, callbacks: list, storage_path: str):
-    """A TorchTrainer running ``loop.py`` on ``cfg.resources.num_workers`` workers; same name → same run on restart."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from .loop import train_loop_per_worker
-
-    res = cfg.resources
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"run": cfg.to_dict(), "model_path": model_path,
-                           "threads_per_worker": max(1, int(res.cpus_per_worker))},
-        scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
-                                               resources_per_worker=worker_resources(res)),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=storage_path,
-            callbacks=callbacks,
-            failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
 
 
 def run_training(cfg: RunConfig, address: str | None = None, resume: bool = False) -> dict:
