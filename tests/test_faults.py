@@ -32,10 +32,15 @@ def _config(root: Path, data: dict, model: str, **train) -> dict:
 
 
 def _train_workers() -> list[psutil.Process]:
+    """Ray Train workers of this test session's Ray instance (its raylet is a child of this process), never
+    those of another Ray on the same machine."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-            found.append(proc)
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
     return found
 
 
