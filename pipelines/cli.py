@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="connector_llm_lora", help="strategy of the fine-tuning step")
     p.add_argument("--root", default="~/.freezetune/demo", help="where data, runs and the MLflow store go")
     p.add_argument("--address", help="Ray cluster address (default: a local instance)")
+
+    from benchmarks.__main__ import DESCRIPTION, add_arguments as bench_arguments
+
+    bench_arguments(sub.add_parser("bench", help="benchmarks: Ray overhead, freezing savings, trial cost, early "
+                                   "stopping, data cache (GPU when present)", description=DESCRIPTION))
     return parser
 
 
@@ -195,6 +200,10 @@ def run(argv: list[str] | None = None) -> int:
         _logging()
         run_demo(Path(args.root), strategy=args.strategy, address=args.address)
         return 0
+    if args.command == "bench":
+        from benchmarks.__main__ import run_args
+
+        return run_args(args)
     raise AssertionError(args.command)
 
 

@@ -1,0 +1,25 @@
+"""freezetune benchmarks: the cost of Ray, the savings of freezing, the cost of a trial, measured against targets.
+
+    python -m benchmarks                      # every benchmark, ~10 minutes on 2 CPU cores
+    python -m benchmarks --quick              # CI: small models, fewer repeats (~3 minutes); checks the format
+    python -m benchmarks --only freeze data_cache --out bench-results
+
+Writes ``OUT/bench.json`` (every figure: value, unit, target, verdict, how measured, repeats, details) and
+``OUT/bench.md`` (the table for the README, with the machine it came from). Progress goes to stderr.
+
+Benchmarks (one module each):
+
+1. ``ray_overhead``  — steady-state step time in a 1-worker Ray Train TorchTrainer vs the same function in
+   plain PyTorch (same model, batch, threads). Target <= 1.03x.
+2. ``freeze``        — step time, peak memory and optimizer state of each freeze strategy vs full, next to the
+   theoretical FLOP ratio counted from the autograd graph. Target: within 10% of theory; AdamW state exactly
+   8 B per trainable fp32 parameter.
+3. ``trial_cost``    — a trial's wall time minus the time inside the training loop, broken down (Ray Train
+   start, imports, model, data, set-up, teardown). Target <= 8 s.
+4. ``early_stopping``— the demo sweep with ASHA vs FIFO: wall-time ratio (target <= 0.5) and the best trial.
+5. ``data_cache``    — second data preparation / first (target <= 0.05).
+6. ``gpu``           — tokens/s and MFU of full fine-tuning a ~0.5B model in bf16, and the freeze ratios on GPU;
+   only where CUDA is available (otherwise reported as skipped).
+"""
+
+BENCHMARKS = ["data_cache", "freeze", "ray_overhead", "trial_cost", "early_stopping", "gpu"]  # run order
