@@ -33,7 +33,6 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
             # no runtime_env here: inside `ray job submit` the job's own runtime env applies (merging conflicts)
             log.info("connecting to the Ray cluster at %s", address)
             ray.init(address=address, log_to_driver=True)
-            pin_job_packages()
             return False
         # The dashboard stays on: Train V2's placement-group cleaner asks the State API (served by the dashboard)
         # whether a run's controller died before it frees the run's resources. The cleaner finds that API by
@@ -54,29 +53,6 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
             f"cannot connect to Ray at {address!r}: {err}. Check the address (`ray status` on the head node), "
             "and for token auth export RAY_AUTH_MODE=token with the cluster's ~/.ray/auth_token."
         ) from None
-
-
-PACKAGE_PIN_S = 24 * 3600
-
-
-def pin_job_packages(seconds: int = PACKAGE_PIN_S) -> list[str]:
-    """Keep this job's uploaded working_dir / py_modules in the cluster for ``seconds``.
-
-    Ray 2.60 counts references to an uploaded package by the workers that use it, not by the driver: once the
-    first trials' processes exit, the package can be deleted from the GCS while the sweep still runs, and a
-    node that starts a Train worker later (a new trial on another node, an autoscaled node) fails with "Failed
-    to download runtime_env file package". A pin is Ray's own temporary reference; it expires by itself.
-    """
-    import ray
-    from ray.experimental.internal_kv import _pin_runtime_env_uri
-
-    env = ray.get_runtime_context().runtime_env or {}
-    uris = [env.get("working_dir"), *(env.get("py_modules") or [])]
-    pinned = [u for u in uris if isinstance(u, str) and u.startswith("gcs://")]
-    for uri in pinned:
-        _pin_runtime_env_uri(uri, expiration_s=seconds)
-        log.info("kept the job's package %s in the cluster for %d h", uri, seconds // 3600)
-    return pinned
 
 
 def free_port() -> int:

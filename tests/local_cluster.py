@@ -58,7 +58,10 @@ class LocalRayCluster:
         self.head_cpus = head_cpus if head_cpus is not None else cpus_per_node
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
-        self.env.pop("RAY_ADDRESS", None)
+        # this cluster's processes must not inherit another instance's addresses (the test session's own Ray
+        # exports RAY_API_SERVER_ADDRESS; Train's placement-group cleaner would ask that instance's State API)
+        for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+            self.env.pop(var, None)
 
     @property
     def address(self) -> str:

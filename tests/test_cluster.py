@@ -85,8 +85,6 @@ def test_sweep_job_on_a_two_node_cluster(tmp_path, demo_files, model_dirs):
                 break
             time.sleep(5)
         assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-4000:] + done.stderr[-2000:]
-        # the uploaded working_dir outlives the first trials' processes (nodes that start workers later need it)
-        assert "kept the job's package gcs://" in done.stdout + done.stderr
 
         # through the MLflow server's API, as a user comparing results would
         c = tracking.client(server.uri)
