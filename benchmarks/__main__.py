@@ -79,40 +79,13 @@ class Context:
         self.ray_started = False
 
 
-def start_ray(verbose: bool = False, num_cpus: int = 2) -> str:
-    """As pipelines.ray_env.connect starts a local instance, with the workers' logs kept out of the benchmark's
-    stderr unless --verbose.
+def start_ray(verbose: bool = False, num_cpus: int = 2) -> None:
+    """A local instance as freezetune starts one (pipelines.ray_env.connect: every process is told where its
+    own State API is, which Train's placement-group cleaner needs when another Ray runs on the machine), with
+    the workers' output kept out of the benchmark's stderr unless --verbose."""
+    from pipelines.ray_env import connect
 
-    Ray Train's PlacementGroupCleaner asks the State API whether a run's controller is still alive before it
-    frees the run's CPUs; it finds that API through RAY_API_SERVER_ADDRESS or auto-detection. Both can point at
-    another Ray instance on the machine (the test session's, which also exports RAY_API_SERVER_ADDRESS): the
-    cleaner then never finds the controller, takes it for dead and exits, and the placement group of every
-    trial Tune stops (ASHA) is never freed, so the next trials wait forever. So every process of this instance
-    is told where its own dashboard and GCS are.
-    """
-    import ray
-    from ray._private.services import get_node_ip_address
-
-    from pipelines.ray_env import free_port
-
-    gcs_port, dashboard_port = free_port(), free_port()
-    address, api = f"{get_node_ip_address()}:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
-    saved = {k: os.environ.get(k) for k in ("RAY_GCS_SERVER_PORT", "RAY_API_SERVER_ADDRESS")}
-    os.environ["RAY_GCS_SERVER_PORT"] = str(gcs_port)
-    try:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=dashboard_port,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_ADDRESS": address,
-                                           "RAY_API_SERVER_ADDRESS": api}},
-                 log_to_driver=verbose, logging_level="WARNING" if not verbose else "INFO")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    os.environ["RAY_API_SERVER_ADDRESS"] = api  # this process's own State API calls too
-    return address
+    connect(num_cpus=num_cpus, quiet=not verbose)
 
 
 DESCRIPTION = ("freezetune benchmarks: Ray Train overhead, what freezing saves, the fixed cost of a trial, early "

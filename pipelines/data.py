@@ -309,7 +309,7 @@ def default_cache_dir() -> Path:
 
 def cache_path(cfg: DataConfig, path: str | Path, processor) -> Path:
     """Returns the cache file that holds ``path`` tokenised with ``processor`` under ``cfg``."""
-    records = read_records(path, cfg.image_root, cfg.max_samples, _image_token(processor))
+    records = read_records(path, cfg.image_root, cfg.max_samples, _image_token(processor), check_image_headers=False)
     return _cache_file(cfg, Path(path), records, processor)
 
 

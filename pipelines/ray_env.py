@@ -15,8 +15,9 @@ class ClusterError(RuntimeError):
     user_facing = True
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Initialise Ray once per process; True when this call started a local instance."""
+def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> bool:
+    """Initialise Ray once per process; True when this call started a local instance (``quiet``: its workers'
+    output is not forwarded and Ray logs warnings only, as the benchmarks want)."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
@@ -45,7 +46,8 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
         log.info("starting a local Ray instance (dashboard on %s)", api)
         # address="local": a new instance, never a stray cluster some other process started on this machine
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=dashboard_port, runtime_env=runtime_env)
+                 dashboard_port=dashboard_port, runtime_env=runtime_env, log_to_driver=not quiet,
+                 **({"logging_level": "WARNING"} if quiet else {}))
         os.environ["RAY_API_SERVER_ADDRESS"] = api
         return True
     except (ConnectionError, RuntimeError, ValueError) as err:

@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ import pytest
 from pipelines import compare, tracking
 from pipelines.sweep import SWEEP_KEY_TAG, TRIAL_KEY_TAG
 
+from local_cluster import free_port
+
 EXPERIMENT = "compare-test"
 MODEL = "tiny-llava"
 TOTAL = 1_000_000  # the tiny model's parameter count in this made-up sweep (what `full` trains)
@@ -33,19 +34,10 @@ EPOCHS = 3
 
 # --- a real mlflow server -------------------------------------------------------------------
 
-def _free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not 10002 <= port <= 19999:  # Ray's worker port range (other tests may run Ray)
-            return port
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
