@@ -16,6 +16,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipelines.jobs.ray_env import connect
+
 _T0 = time.perf_counter()
 
 
@@ -30,6 +32,8 @@ def median(xs) -> float:
 
 
 # ---------------------------------------------------------------------------------------- figures
+
+
 @dataclass
 class Check:
     """A target: ``op`` is ``<=``, ``>=``, ``==`` or ``within`` (|value/ref - 1| <= tol)."""
@@ -118,6 +122,8 @@ def figure(id: str, label: str, value: Any, unit: str, how: str, check: Check | 
 
 
 # ---------------------------------------------------------------------------------------- machine
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -175,6 +181,8 @@ def machine_line(info: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------- memory (Linux)
+
+
 def rss_mib() -> tuple[float, float]:
     """(current RSS, peak RSS since the last ``reset_peak_rss``) in MiB, from /proc/self/status."""
     rss = hwm = float("nan")
@@ -248,7 +256,7 @@ class ModelSize:
     def llava_config(self):
         import transformers as tf
 
-        from pipelines import presets
+        from pipelines.models import presets  # lazy: transformers; `freezetune --help` loads this module
 
         base = presets.tiny_llava()
         return tf.LlavaConfig(vision_config=base.vision_config, text_config=self.text_config(),
@@ -282,32 +290,8 @@ def make_batch(batch_size: int, seq_len: int, vlm: bool, seed: int = 0, vocab: i
     return batch
 
 
-def train_step(model, batch: dict, optimizer, trainable: list, max_grad_norm: float = 1.0, autocast=None,
-               split: list | None = None, sync=None) -> float:
-    """One optimizer step exactly as pipelines/loop.py takes it: forward, summed token loss / tokens, backward,
-    clip, AdamW, zero_grad(set_to_none=True). ``split`` gets (forward+backward s, clip+optimizer s) appended."""
-    import contextlib
-
-    import torch
-
-    from pipelines.loop import labelled_tokens, token_loss_sum
-
-    t0 = time.perf_counter()
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with autocast if autocast is not None else contextlib.nullcontext():
-        logits = model(**inputs).logits
-        summed = token_loss_sum(logits, batch["labels"])
-    (summed / max(labelled_tokens(batch), 1)).backward()
-    if split is not None:
-        if sync is not None:
-            sync()
-        t1 = time.perf_counter()
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if split is not None:
-        if sync is not None:
-            sync()
-        split.append((t1 - t0, time.perf_counter() - t1))
-    return float(summed.detach())
+def start_ray(verbose: bool = False, num_cpus: int = 2) -> None:
+    """A local instance as freezetune starts one (pipelines.ray_env.connect: every process is told where its
+    own State API is, which Train's placement-group cleaner needs when another Ray runs on the machine), with
+    the workers' output kept out of the benchmark's stderr unless --verbose."""
+    connect(num_cpus=num_cpus, quiet=not verbose)

@@ -12,16 +12,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .common import Check, figure, log, median
+from benchmarks.common import Check, figure, log, median
+from pipelines.data import dataset as D
+from pipelines.models.loading import load_processor
 
 NAME = "data_cache"
 TARGET = 0.05
 
 
 def run(ctx) -> list:
-    from pipelines import data as D
-    from pipelines.models import load_processor
-
     n_train, n_eval = (64, 16) if ctx.quick else (512, 64)
     repeats = 2 if ctx.quick else 3
     files = ctx.demo_data(n_train, n_eval)

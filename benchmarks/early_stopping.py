@@ -1,6 +1,6 @@
 """(4) Early stopping pays: the demo sweep with ASHA vs FIFO — wall-time ratio and whether the best trial is the same.
 
-``pipelines.sweep.run_sweep("tune_spaces/demo.yaml", overrides=...)``, unchanged but for: ``num_samples`` (8;
+``pipelines.jobs.sweep.run_sweep("tune_spaces/demo.yaml", overrides=...)``, unchanged but for: ``num_samples`` (8;
 quick: 2), the scheduler, a fresh storage path and SQLite MLflow store, and — so no pre-training runs here —
 ``base.model`` = a materialised tiny-llava and ``base.data`` = demo data generated here (the demo's task and
 sizes: 512 train + 64 eval; quick: 32 + 16 and 2 epochs). Random search with the file's ``search_seed``
@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import time
 
-from .common import Check, figure, log
+from benchmarks.common import Check, figure, log
+from pipelines import tracking
+from pipelines.jobs.sweep import run_sweep
 
 NAME = "early_stopping"
 TARGET = 0.5
 
 
 def _sweep(ctx, scheduler: dict, n: int, epochs: int | None, files: dict, tag: str) -> dict:
-    from pipelines import tracking
-    from pipelines.sweep import run_sweep
-
     space = ctx.root / "tune_spaces" / "demo.yaml"
     base = {"model": ctx.tiny_llava(), "storage_path": str(ctx.workdir / f"sweep-{tag}"),
             "cache_dir": str(ctx.workdir / "cache"),
@@ -123,7 +122,7 @@ def run(ctx) -> list:
         fit_note = f"the fit gave F = {fixed_f:.1f} s, E = {per_epoch:.1f} s per epoch: too noisy to use"
     else:
         fit_note = None
-    how = (f"pipelines.sweep.run_sweep(tune_spaces/demo.yaml) with num_samples={n}, {e} epochs, random search "
+    how = (f"pipelines.jobs.sweep.run_sweep(tune_spaces/demo.yaml) with num_samples={n}, {e} epochs, random search "
            f"(search_seed {space['sweep']['search_seed']}: the same draws in both), {space['sweep']['max_concurrent_trials']}"
            f" trials at a time, 1 worker x 1 CPU each; base.model = materialised tiny-llava, demo data "
            f"({'32+16' if ctx.quick else '512+64'} records); wall = the run_sweep call; one run of each")

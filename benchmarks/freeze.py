@@ -6,7 +6,7 @@ VLM (tiny-llava's CLIP tower + connector in front of the same language model) fo
 (A), connector_llm_lora (B), all_lora (C) and top_k (which on a VLM also trains the connector).
 
 Time: every strategy has its own copy of the model, plan and AdamW; after two warm-up steps, R rounds in a
-rotating order each time one optimizer step of every strategy (the step of pipelines/loop.py: forward, token
+rotating order each time one optimizer step of every strategy (``pipelines.training.step.train_step``, the loop's own step: forward, token
 loss, backward, clip, AdamW, zero_grad), on the same fixed batch. A strategy's figure is the median over
 rounds of (its step time / the full step time of the same model in the same round), so load that drifts
 over the run (this machine is shared) cancels.
@@ -32,7 +32,21 @@ import json
 import sys
 import time
 
-from .common import Check, ModelSize, figure, log, median
+from benchmarks.common import (
+    Check,
+    ModelSize,
+    exact_malloc,
+    figure,
+    log,
+    make_batch,
+    median,
+    reset_peak_rss,
+    rss_mib,
+    trim_heap,
+)
+from benchmarks.flops import FlopCounter
+from pipelines.training.step import train_step
+from strategies import build_plan
 
 NAME = "freeze"
 
@@ -97,6 +111,8 @@ def simple_ratio(c: dict, layers: int) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------- the worker
+
+
 def optimizer_state(optimizer, model) -> dict:
     """Bytes of AdamW's moments (exp_avg + exp_avg_sq) vs 8 B x trainable fp32 params; step counters apart."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -131,8 +147,6 @@ def _memory(device) -> tuple:
     """(reset, read) closures: peak memory above the current level, in MiB."""
     import torch
 
-    from .common import reset_peak_rss, rss_mib, trim_heap
-
     if device.type == "cuda":
         def reset():
             torch.cuda.synchronize()
@@ -164,8 +178,6 @@ def measure(size: ModelSize, configs: list[dict], rounds: int, batch_size: int, 
     """
     import torch
 
-    from .common import exact_malloc, make_batch
-
     dev = torch.device(device)
     exact = None
     if dev.type == "cpu":
@@ -173,8 +185,8 @@ def measure(size: ModelSize, configs: list[dict], rounds: int, batch_size: int, 
         if threads:
             torch.set_num_threads(threads)
     ctx = {"dev": dev, "sync": (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None),
-           "autocast": (lambda: torch.autocast(device_type=dev.type, dtype=getattr(torch, autocast_dtype)))
-           if autocast_dtype else (lambda: None), "memory": _memory(dev)}
+           "precision": {"bfloat16": "bf16", "float16": "fp16"}.get(autocast_dtype or "", "fp32"), "device": dev,
+           "memory": _memory(dev)}
     bases, batches = {}, {}
     for kind in sorted({c["kind"] for c in configs}):
         bases[kind] = size.build(vlm=kind == "vlm").to(dev)
@@ -235,11 +247,6 @@ def _build_and_warm(c: dict, bases: dict, batches: dict, ctx: dict) -> dict:
     """A configuration's own model copy, plan, AdamW; two warm-up steps measure memory, FLOPs and AdamW state."""
     import torch
 
-    from strategies import build_plan
-
-    from .common import train_step
-    from .flops import FlopCounter
-
     model = copy.deepcopy(bases[c["kind"]])
     plan = build_plan(model, c["strategy"])
     plan.apply(c["epoch"])
@@ -252,8 +259,8 @@ def _build_and_warm(c: dict, bases: dict, batches: dict, ctx: dict) -> dict:
     before = reset()
     t0 = time.perf_counter()
     with FlopCounter(model) as counter:
-        train_step(model, batch, optimizer, trainable, autocast=ctx["autocast"]())
-    train_step(model, batch, optimizer, trainable, autocast=ctx["autocast"]())
+        train_step(model, [batch], optimizer, trainable=trainable, device=ctx["device"], precision=ctx["precision"])
+    train_step(model, [batch], optimizer, trainable=trainable, device=ctx["device"], precision=ctx["precision"])
     ctx["sync"]()
     warm = time.perf_counter() - t0
     peak = read()
@@ -266,12 +273,10 @@ def _build_and_warm(c: dict, bases: dict, batches: dict, ctx: dict) -> dict:
 
 
 def _timed(run: dict, batches: dict, ctx: dict) -> None:
-    from .common import train_step
-
     ctx["sync"]()
     t0 = time.perf_counter()
-    train_step(run["model"], batches[run["kind"]], run["optimizer"], run["trainable"], autocast=ctx["autocast"](),
-               split=run["split"], sync=ctx["sync"])
+    train_step(run["model"], [batches[run["kind"]]], run["optimizer"], trainable=run["trainable"], device=ctx["device"],
+               precision=ctx["precision"], timings=run["split"], sync=ctx["sync"])
     ctx["sync"]()
     run["times"].append(time.perf_counter() - t0)
 
@@ -304,6 +309,8 @@ def _worker(params_path: str, out_path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- figures
+
+
 def figures_from(result: dict, prefix: str = "freeze", how_extra: str = "", label_prefix: str = "") -> list:
     size = ModelSize(**result["size"])
     L = size.layers
@@ -313,7 +320,7 @@ def figures_from(result: dict, prefix: str = "freeze", how_extra: str = "", labe
              f"behind tiny-llava's vision tower; batch {b}x{t} tokens; {result['threads']} thread(s), "
              f"{result['device']}{how_extra}")
     time_how = (f"median over {rounds} rounds of (strategy step / full step of the same model in the same round); "
-                f"one optimizer step as in pipelines/loop.py; {where}")
+                f"one optimizer step: pipelines.training.step.train_step; {where}")
     figs, states = [], []
     for r in result["results"]:
         name = r["strategy"]["name"]
@@ -399,7 +406,6 @@ def run(ctx) -> list:
     result = measure(size, strategies(size.layers), p["rounds"], p["batch_size"], p["seq_len"], threads=p["threads"])
     ctx.raw[NAME] = result
     return figures_from(result)
-
 
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2])

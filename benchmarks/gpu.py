@@ -2,7 +2,7 @@
 freeze ratios of (2) on the GPU. Runs only where ``torch.cuda.is_available()``; otherwise every figure is
 reported as n/a with "no GPU on this machine".
 
-Full fine-tuning: the step of pipelines/loop.py with ``train.precision: bf16`` (fp32 master weights, bf16
+Full fine-tuning: ``pipelines.training.step.train_step``, the loop's own step with ``train.precision: bf16`` (fp32 master weights, bf16
 autocast, AdamW), batch 8 x 1024 tokens (quick: a small model, 4 x 256), median of timed steps after
 warm-up. MFU = model FLOPs per step (the autograd-graph count of benchmarks/flops.py: 6N per token plus
 attention) / step time / the GPU's dense bf16 peak. The freeze ratios use the (2) strategy list on the same
@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import time
 
-from .common import ModelSize, figure, log, median
+from benchmarks import freeze
+from benchmarks.common import ModelSize, figure, log, make_batch, median
+from benchmarks.flops import FlopCounter
+from pipelines.training.step import train_step
 
 NAME = "gpu"
 
@@ -47,26 +50,22 @@ def _na(quick: bool, why: str) -> list:
 def full_finetune(size: ModelSize, batch: tuple[int, int], warmup: int, steps: int, device: str = "cuda") -> dict:
     import torch
 
-    from .common import make_batch, train_step
-    from .flops import FlopCounter
-
     dev = torch.device(device)
     model = size.build(vlm=False).to(dev)
     model.train()
     data = {k: v.to(dev) for k, v in make_batch(*batch, vlm=False, vocab=size.vocab).items()}
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)  # as pipelines/loop.py builds it (foreach, not fused)
+    optimizer = torch.optim.AdamW(params, lr=1e-5)  # as pipelines/training/loop.py builds it (foreach, not fused)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    amp = lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16)  # noqa: E731
     with FlopCounter(model) as counter:
-        train_step(model, data, optimizer, params, autocast=amp())
+        train_step(model, [data], optimizer, trainable=params, device=dev, precision="bf16")
     for _ in range(max(warmup - 1, 0)):
-        train_step(model, data, optimizer, params, autocast=amp())
+        train_step(model, [data], optimizer, trainable=params, device=dev, precision="bf16")
     sync()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        train_step(model, data, optimizer, params, autocast=amp())
+        train_step(model, [data], optimizer, trainable=params, device=dev, precision="bf16")
         sync()
         times.append(time.perf_counter() - t0)
     n = sum(p.numel() for p in params)
@@ -84,7 +83,6 @@ def run(ctx) -> list:
         log("gpu: no GPU on this machine: skipped")
         ctx.raw[NAME] = {"skipped": "no GPU on this machine"}
         return _na(ctx.quick, "no GPU on this machine: skipped")
-    from . import freeze
 
     name = torch.cuda.get_device_name(0)
     size = GPU_QUICK if ctx.quick else GPU_SIZE
@@ -96,7 +94,7 @@ def run(ctx) -> list:
     achieved = r["flops_per_step"] / r["step_s"]
     mfu = achieved / (peak * 1e12) if peak else None
     how = (f"{name}; {r['params'] / 1e6:.0f}M-param Llama (d={size.hidden}, L={size.layers}, vocab {size.vocab}), "
-           f"fp32 weights + bf16 autocast + AdamW as in pipelines/loop.py (train.precision: bf16), batch {batch[0]}x{batch[1]}; median "
+           f"fp32 weights + bf16 autocast + AdamW: pipelines.training.step.train_step (train.precision: bf16), batch {batch[0]}x{batch[1]}; median "
            f"of {steps} steps after 3 warm-up")
     figs = [
         figure("gpu.tokens_per_s", "full fine-tuning ~0.5B, bf16: tokens/s", r["tokens_per_s"], "tokens/s", how,

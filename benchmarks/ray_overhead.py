@@ -1,7 +1,7 @@
 """(1) Ray Train overhead: steady-state step time inside a Ray Train worker vs the same loop in plain PyTorch.
 
 One function, ``timed_steps``, builds a Llama-style model (full fine-tuning, AdamW), takes warm-up steps, then
-times N optimizer steps (the step of pipelines/loop.py) and returns their times. Ray: it runs in the
+times N optimizer steps (pipelines.training.step.train_step, the loop's own step) and returns their times. Ray: it runs in the
 ``train_loop_per_worker`` of a 1-worker ``TorchTrainer`` (Train V2, CPU worker, gloo process group) on a local
 Ray instance started (``ray.init(address="local", num_cpus=2)``) and shut down here. Plain: the same function
 called in this process. Same model, batch, seed and ``torch.set_num_threads`` on both sides.
@@ -22,7 +22,8 @@ import threading
 import time
 from pathlib import Path
 
-from .common import Check, ModelSize, figure, log, median
+from benchmarks.common import Check, ModelSize, figure, log, make_batch, median, start_ray
+from pipelines.training.step import train_step
 
 NAME = "ray_overhead"
 TARGET = 1.03
@@ -37,8 +38,6 @@ def timed_steps(spec: dict) -> list[float]:
     """Build, warm up, time ``steps`` optimizer steps; returns their durations (s)."""
     import torch
 
-    from .common import make_batch, train_step
-
     torch.set_num_threads(spec["threads"])
     size = ModelSize(**spec["size"])
     model = size.build(vlm=False, seed=0)
@@ -47,11 +46,11 @@ def timed_steps(spec: dict) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     for _ in range(spec["warmup"]):
-        train_step(model, batch, optimizer, params)
+        train_step(model, [batch], optimizer, trainable=params, device=torch.device("cpu"))
     times = []
     for _ in range(spec["steps"]):
         t0 = time.perf_counter()
-        train_step(model, batch, optimizer, params)
+        train_step(model, [batch], optimizer, trainable=params, device=torch.device("cpu"))
         times.append(time.perf_counter() - t0)
     return times
 
@@ -125,8 +124,6 @@ def _ratio(plain: list, inside: list) -> float:
 
 def run(ctx) -> list:
     import torch
-
-    from .__main__ import start_ray
 
     cfg = QUICK if ctx.quick else FULL
     threads = 1

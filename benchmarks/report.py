@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import Figure, machine_line
+from benchmarks.common import Figure, machine_line
 
 TITLES = {
     "ray_overhead": "(1) Ray Train overhead",
@@ -92,14 +92,12 @@ def markdown(doc: dict, figures: list[Figure]) -> str:
 
 def rerender(out: Path) -> Path:
     """Write OUT/bench.md again from OUT/bench.json (``python -m benchmarks.report OUT``)."""
-    from .common import Figure
 
     doc = json.loads((Path(out) / "bench.json").read_text())
     figures = [Figure(**f) for f in doc["figures"]]
     path = Path(out) / "bench.md"
     path.write_text(markdown(doc, figures))
     return path
-
 
 if __name__ == "__main__":
     import sys

@@ -2,21 +2,21 @@
 
 A trial is what a sweep runs per configuration and `freezetune train` per run: a 1-worker TorchTrainer
 (``pipelines.trainer.make_trainer``: 1 CPU, gloo, checkpoint per epoch, storage on disk) running
-pipelines/loop.py on the tiny LLaVA with the demo sweep's strategy B (connector + LLM LoRA), 1 epoch, on a
+pipelines/training/loop.py on the tiny LLaVA with the demo sweep's strategy B (connector + LLM LoRA), 1 epoch, on a
 Ray instance that is already up (``ray.init`` is paid once per sweep; reported apart, as is the driver's
 ``prepare``: checks and tokenising once for every trial).
 
 Instrumented from outside, without touching pipelines/: the trainer's ``train_loop_per_worker`` is
 ``instrumented_loop`` below, which stamps wall-clock time (``time.time()``, one clock for every process of
-the machine) when the worker's function starts, around ``import pipelines.loop``, and — by wrapping the
-names pipelines/loop.py calls (``load_model``, ``load_processor``, ``build_plan``, ``load_datasets``,
+the machine) when the worker's function starts, around ``import pipelines.training.worker``, and — by wrapping the
+names pipelines/training/loop.py calls (``load_model``, ``load_processor``, ``build_plan``, ``load_datasets``,
 ``run_loop`` with an ``on_setup`` callback, ``evaluate``, ``checkpoints.save`` and the report function) —
-around every set-up phase, then calls the real ``pipelines.loop.train_loop_per_worker``. The driver stamps
+around every set-up phase, then calls the real ``pipelines.training.worker.train_loop_per_worker``. The driver stamps
 before the TorchTrainer is built, before ``fit()`` and after it returns. "Inside the training loop" is from
 the end of set-up (``on_setup``) to ``run_loop``'s return: the epochs with their eval, checkpoint and report.
 
 Alongside: the same trial with a 0.25 s worker poll (what that would save; not shipped, see
-pipelines/trainer.py), the real, un-instrumented ``pipelines.loop.train_loop_per_worker``
+pipelines/jobs/trainer.py), the real, un-instrumented ``pipelines.training.worker.train_loop_per_worker``
 (wall time only: the instrumentation must not change it), and fresh-process measurements of what a worker imports.
 """
 
@@ -28,17 +28,24 @@ import subprocess
 import sys
 import time
 
-from .common import Check, figure, log, median
+from benchmarks.common import Check, figure, log, median
+from pipelines.config.run import run_config_from_dict
+from pipelines.data.dataset import load_datasets
+from pipelines.jobs.preflight import prepare
+from pipelines.jobs.trainer import make_trainer
+from pipelines.models.loading import load_processor
 
 NAME = "trial_cost"
 TARGET = 8.0
 
 
 # ---------------------------------------------------------------------------------------- in the worker
+
+
 def instrumented_loop(loop_config: dict) -> None:
     """A Ray Train worker function: stamps every phase of the real loop; stamps land in a JSON file."""
     stamps: dict = {"entered": time.time(), "pid": os.getpid(),
-                    "preimported": {m: m in sys.modules for m in ("torch", "transformers", "peft", "pipelines.loop")}}
+                    "preimported": {m: m in sys.modules for m in ("torch", "transformers", "peft", "pipelines.training.worker")}}
     try:
         import psutil
 
@@ -58,13 +65,14 @@ def instrumented_loop(loop_config: dict) -> None:
         return wrapper
 
     t0 = time.time()
-    import pipelines.loop as L
+    import pipelines.training.worker as W  # lazy: the worker's import time is what this span measures
 
-    spans.append(("import pipelines.loop", t0, time.time()))
+    spans.append(("import pipelines.training.worker", t0, time.time()))
+    L = sys.modules["pipelines.training.loop"]  # the loop's own names are what it calls
     for name in ("load_model", "load_processor", "build_plan", "load_datasets", "evaluate"):
         setattr(L, name, timed(name, getattr(L, name)))
     L.checkpoints.save = timed("checkpoint save", L.checkpoints.save)
-    real_run_loop = L.run_loop
+    real_run_loop = W.run_loop
 
     def run_loop(cfg, model_path, env, report, on_setup=None):
         def stamped_report(metrics, ckpt_dir):
@@ -80,9 +88,9 @@ def instrumented_loop(loop_config: dict) -> None:
         finally:
             spans.append(("run_loop", t, time.time()))
 
-    L.run_loop = run_loop
+    W.run_loop = run_loop
     try:
-        L.train_loop_per_worker(loop_config)
+        W.train_loop_per_worker(loop_config)
     finally:
         stamps["returning"] = time.time()
         with open(loop_config["stamps_path"], "w") as f:
@@ -90,9 +98,9 @@ def instrumented_loop(loop_config: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------- in the driver
-def trial_config(ctx, files: dict):
-    from pipelines.config import run_config_from_dict
 
+
+def trial_config(ctx, files: dict):
     return run_config_from_dict({
         "model": ctx.tiny_llava(), "seed": 0, "cache_dir": str(ctx.workdir / "cache"),
         "storage_path": str(ctx.workdir / "trial-runs"),
@@ -107,7 +115,6 @@ def trial_config(ctx, files: dict):
 
 def _trainer(cfg, model_path: str, name: str, loop, extra: dict):
     """``pipelines.trainer.make_trainer`` as shipped, with another worker function (``loop=None``: its own)."""
-    from pipelines.trainer import make_trainer
 
     return make_trainer(cfg, model_path, name, [], cfg.resolved_storage_path, loop=loop, extra_loop_config=extra)
 
@@ -132,8 +139,8 @@ def instrumented_trial(ctx, cfg, model_path: str, i) -> dict:
     phases = {
         "driver: build the TorchTrainer": t_fit - t_build,
         "Ray Train start: controller, placement group, worker actor, torch process group": s["entered"] - t_fit,
-        "worker: import pipelines.loop (torch, transformers, peft, strategies)": span["import pipelines.loop"],
-        "worker: Ray context, config, checkpoint lookup": run_start - s["entered"] - span["import pipelines.loop"],
+        "worker: import pipelines.training.worker (torch, transformers, peft, strategies)": span["import pipelines.training.worker"],
+        "worker: Ray context, config, checkpoint lookup": run_start - s["entered"] - span["import pipelines.training.worker"],
         "set-up: load_model (from_pretrained)": span.get("load_model", 0.0),
         "set-up: load_processor": span.get("load_processor", 0.0),
         "set-up: build_plan (LoRA wrap)": span.get("build_plan", 0.0),
@@ -151,10 +158,11 @@ def instrumented_trial(ctx, cfg, model_path: str, i) -> dict:
     return {"wall_s": wall, "in_loop_s": in_loop, "fixed_s": wall - in_loop, "phases": phases, "loop": loop,
             "worker_process_age_at_fit_s": (t_fit - created) if created else None, "preimported": s["preimported"]}
 
-
 IMPORT_PROBE = r"""
 import json, time
 out = {}
+
+
 def step(name, code):
     t = time.perf_counter(); exec(code, globals()); out[name] = time.perf_counter() - t
 step("import torch", "import torch")
@@ -163,8 +171,9 @@ step("import transformers (lazy module)", "import transformers")
 step("the model classes a tiny-llava trial needs (llava, clip, llama)",
      "from transformers.models.llava import modeling_llava; from transformers.models.clip import modeling_clip; "
      "from transformers.models.llama import modeling_llama")
-step("import pipelines.presets: the 6 other model classes its PRESETS dict touches", "import pipelines.presets")
-step("import pipelines.loop: the rest", "import pipelines.loop")
+step("import pipelines.models.presets: the 6 other model classes its PRESETS dict touches",
+     "import pipelines.models.presets")
+step("import pipelines.training.worker: the rest", "import pipelines.training.worker")
 step("import peft (LoRA strategies)", "import peft")
 import torch.distributed as dist, socket
 s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
@@ -174,7 +183,7 @@ dist.destroy_process_group()
 print(json.dumps(out))
 """
 
-# the one Ray Train setting that would cut the fixed cost, measured but not shipped (see pipelines/trainer.py)
+# the one Ray Train setting that would cut the fixed cost, measured but not shipped (see pipelines/jobs/trainer.py)
 FAST_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
@@ -207,10 +216,6 @@ def _median_phases(trials: list[dict]) -> dict:
 
 
 def run(ctx) -> list:
-    from pipelines.data import load_datasets
-    from pipelines.models import load_processor
-    from pipelines.train import prepare
-
     repeats = 1 if ctx.quick else 3
     files = ctx.demo_data(64, 16)
     cfg = trial_config(ctx, files)
@@ -245,7 +250,7 @@ def run(ctx) -> list:
     biggest = sorted(phases.items(), key=lambda kv: -kv[1])[:3]
     teardown_key = next(k for k in phases if k.startswith("teardown"))
     how = (f"1-worker TorchTrainer from pipelines.trainer.make_trainer (1 CPU, gloo, checkpoint every epoch) running "
-           f"pipelines/loop.py on tiny-llava, strategy B, 1 epoch of 64 examples, on an already running Ray; wall = "
+           f"pipelines/training/loop.py on tiny-llava, strategy B, 1 epoch of 64 examples, on an already running Ray; wall = "
            f"TorchTrainer built -> fit() returned; inside the loop = on_setup -> run_loop returned; phases from "
            f"time.time() stamps in the driver and in the worker (wrapped loop functions, no change to pipelines/); "
            f"median of {repeats} trial(s)"
@@ -258,7 +263,7 @@ def run(ctx) -> list:
                 "watcher and the worker per trial, each a fresh Python process that imports Ray (~1.2 s on this "
                 "machine) before it does anything; the worker then imports torch and transformers' model code; at the "
                 "end the controller notices the worker is done on its next 2 s poll (kept: a faster poll leaks "
-                "placement groups under ASHA in Ray 2.60, see pipelines/trainer.py and the 0.25 s figure below); the "
+                "placement groups under ASHA in Ray 2.60, see pipelines/jobs/trainer.py and the 0.25 s figure below); the "
                 "machine's load moves these by seconds")
     figs = [figure("trial_cost.fixed_s", "fixed cost of a trial (wall minus time inside the training loop)", fixed,
                    "s", how, Check("<=", TARGET), repeats=repeats, note=note,
@@ -272,12 +277,12 @@ def run(ctx) -> list:
     figs.append(figure(
         "trial_cost.uninstrumented_wall_s", "trial wall time, real pipelines.trainer.make_trainer (no stamps)",
         median(plain) if plain else None, "s",
-        "the same trial with pipelines.loop.train_loop_per_worker as is; wall time only", repeats=len(plain) or None,
+        "the same trial with pipelines.training.worker.train_loop_per_worker as is; wall time only", repeats=len(plain) or None,
         note="not measured in --quick mode" if not plain else None))
     fast_how = how + "; the same trials, alternating with the shipped ones, with RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.25"
     fast_note = ("not measured in --quick mode" if not fast else
                  "not shipped: in Ray 2.60 a fast poll lets a controller killed with its trial (ASHA) start a new "
-                 "worker group whose placement group is never freed (a sweep then hangs); see pipelines/trainer.py")
+                 "worker group whose placement group is never freed (a sweep then hangs); see pipelines/jobs/trainer.py")
     figs.append(figure("trial_cost.fixed_fast_poll_s", "measured, not shipped: the same with a 0.25 s worker poll",
                        fixed_fast, "s", fast_how, repeats=len(fast) or None, note=fast_note,
                        details={"trials": fast, "phases_median_s": _median_phases(fast) if fast else None}))
@@ -288,8 +293,8 @@ def run(ctx) -> list:
     figs.append(figure("trial_cost.ray_init_s", "once per sweep/run: ray.init (local, 2 CPUs, dashboard)",
                        ctx.ray_init_s, "s", "time of ray.init(address='local', num_cpus=2, include_dashboard=True)",
                        repeats=1))
-    figs.append(figure("trial_cost.prepare_s", "once per sweep/run: pipelines.train.prepare (checks, plan, tokenise)",
-                       prepare_s, "s", "pipelines.train.prepare on the trial's config, cold data cache", repeats=1))
+    figs.append(figure("trial_cost.prepare_s", "once per sweep/run: pipelines.jobs.preflight.prepare (checks, plan, tokenise)",
+                       prepare_s, "s", "pipelines.jobs.preflight.prepare on the trial's config, cold data cache", repeats=1))
     for k, v in probes.items():
         figs.append(figure(f"trial_cost.import.{_slug(k)}", f"fresh process: {k}", v, "s",
                            "a fresh Python process importing in this order (each line: what is new at that point)",

@@ -1,17 +1,27 @@
 """Freeze strategies: which parts of a transformers model train, and at which learning rate.
 
-Pure PyTorch + transformers + peft; no Ray, no MLflow (those live in ``pipelines``).
+Pure PyTorch + transformers + peft; no Ray, no MLflow (those live in ``pipelines``). The names below are
+imported on first use, so the settings (``strategies.config``) load without torch: configs are checked
+and ``freezetune --help`` answers before any model code is imported.
 """
 
-from .config import StrategyConfig, StrategyConfigError
-from .memory import estimate_memory, human_bytes
-from .parts import PART_NAMES, ModelParts, ModelStructureError, PartsOverride, find_parts, unwrap
-from .plan import Plan, build_plan
-from .registry import STRATEGIES, Strategy, get_strategy, settings_used
-from .schedules import ScheduleConfig, build_scheduler, lr_multiplier
+import importlib
 
-__all__ = [
-    "PART_NAMES", "STRATEGIES", "ModelParts", "ModelStructureError", "PartsOverride", "Plan",
-    "ScheduleConfig", "Strategy", "StrategyConfig", "StrategyConfigError", "build_plan", "build_scheduler",
-    "estimate_memory", "find_parts", "get_strategy", "human_bytes", "settings_used", "lr_multiplier", "unwrap",
-]
+_WHERE = {
+    "StrategyConfig": "config", "PartsOverride": "config",
+    "StrategyConfigError": "errors", "ModelStructureError": "errors",
+    "estimate_memory": "memory", "human_bytes": "memory",
+    "PART_NAMES": "parts", "ModelParts": "parts", "find_parts": "parts", "unwrap": "parts",
+    "Plan": "plan", "build_plan": "plan",
+    "STRATEGIES": "registry", "Strategy": "registry", "get_strategy": "registry", "settings_used": "registry",
+    "ScheduleConfig": "schedules", "build_scheduler": "schedules", "lr_multiplier": "schedules",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'strategies' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"strategies.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

@@ -8,21 +8,45 @@ needs the model's parts. Errors name the field and the fix.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .parts import PartsOverride
-
+from strategies.errors import ModelStructureError, StrategyConfigError
+from strategies.names import canonical_name
+from strategies.settings import from_dict, help_of
+from strategies.settings import setting as _f
+from strategies.settings import unknown_keys_error
 
 IMPORTANCE_MEASURES = ("ablation", "influence", "grad_norm", "fisher")  # pipelines/importance.py computes them
 
 
-class StrategyConfigError(ValueError):
-    """A strategy setting is wrong; the message names the field and what to do."""
+@dataclass
+class PartsOverride:
+    """Module paths (relative to the unwrapped transformers model) that replace detection.
 
+    Any field left empty is still detected from structure.
+    """
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help}, **kw)
+    language: str | None = None  # root of the language stack, e.g. "model.language_model"
+    language_blocks: str | None = None  # its ModuleList of blocks, e.g. "model.language_model.layers"
+    vision: str | None = None  # root of the vision stack, e.g. "model.vision_tower"
+    vision_blocks: str | None = None  # its ModuleList of blocks
+    connector: list[str] = field(default_factory=list)  # modules that form the connector
+    head: list[str] = field(default_factory=list)  # modules that form the task head
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "PartsOverride":
+        data = dict(data or {})
+        unknown = [k for k in data if k not in cls.__dataclass_fields__]
+        if unknown:
+            raise unknown_keys_error("parts override", unknown, cls.__dataclass_fields__, ModelStructureError)
+        for key in ("connector", "head"):
+            if isinstance(data.get(key), str):
+                data[key] = [data[key]]
+        return cls(**data)
+
+    def is_empty(self) -> bool:
+        return not any(getattr(self, f) for f in self.__dataclass_fields__)
 
 
 @dataclass
@@ -54,24 +78,14 @@ class StrategyConfig:
     # ------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str = "strategy") -> "StrategyConfig":
-        data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            import difflib
-
-            hints = [f"`{u}` (did you mean `{(difflib.get_close_matches(u, known, 1) or ['?'])[0]}`?)" for u in unknown]
-            raise StrategyConfigError(f"{where}: unknown key(s) {', '.join(hints)}. Allowed: {', '.join(sorted(known))}.")
-        cfg = cls(**data)
-        cfg.validate(where)
-        return cfg
+        return from_dict(cls, dict(data or {}), where, StrategyConfigError)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
     def help() -> dict[str, str]:
-        return {f.name: f.metadata["help"] for f in fields(StrategyConfig)}
+        return help_of(StrategyConfig)
 
     # LRs per part, with defaults resolved
     @property
@@ -84,8 +98,6 @@ class StrategyConfig:
         }
 
     def validate(self, where: str = "strategy") -> None:
-        from .registry import canonical_name
-
         self.name = canonical_name(self.name, where)
         for key in ("lr", "vision_lr", "connector_lr", "llm_lr"):
             value = getattr(self, key)

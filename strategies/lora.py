@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import StrategyConfigError
-from .parts import ModelParts, unwrap
+from strategies.config import StrategyConfigError
+from strategies.parts import ModelParts, unwrap
 
 
 def _is_linear(module: nn.Module) -> bool:

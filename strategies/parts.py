@@ -2,7 +2,6 @@
 
 Every parameter of a transformers model (plain or PEFT-wrapped) lands in
 exactly one *part* and one *unit*:
-
     part        units
     vision      vision.embeddings, vision.block.<i>, vision.norm
     connector   connector
@@ -42,12 +41,8 @@ from typing import Iterable
 
 from torch import nn
 
-PART_NAMES = ("vision", "connector", "embeddings", "language", "head", "other")
-
-
-class ModelStructureError(ValueError):
-    """The model's parts could not be found; the message names the override."""
-
+from strategies.config import PartsOverride
+from strategies.errors import ModelStructureError
 
 OVERRIDE_HELP = (
     "Pass explicit module paths with the `parts` override, e.g. in the config "
@@ -56,37 +51,7 @@ OVERRIDE_HELP = (
     "or on the command line `--parts language_blocks=model.decoder.layers`."
 )
 
-
-@dataclass
-class PartsOverride:
-    """Module paths (relative to the unwrapped transformers model) that replace detection.
-
-    Any field left empty is still detected from structure.
-    """
-
-    language: str | None = None  # root of the language stack, e.g. "model.language_model"
-    language_blocks: str | None = None  # its ModuleList of blocks, e.g. "model.language_model.layers"
-    vision: str | None = None  # root of the vision stack, e.g. "model.vision_tower"
-    vision_blocks: str | None = None  # its ModuleList of blocks
-    connector: list[str] = field(default_factory=list)  # modules that form the connector
-    head: list[str] = field(default_factory=list)  # modules that form the task head
-
-    @classmethod
-    def from_dict(cls, data: dict | None) -> "PartsOverride":
-        data = dict(data or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise ModelStructureError(
-                f"parts override: unknown key(s) {sorted(unknown)}; allowed keys are {sorted(known)}."
-            )
-        for key in ("connector", "head"):
-            if isinstance(data.get(key), str):
-                data[key] = [data[key]]
-        return cls(**data)
-
-    def is_empty(self) -> bool:
-        return not any(getattr(self, f) for f in self.__dataclass_fields__)
+PART_NAMES = ("vision", "connector", "embeddings", "language", "head", "other")
 
 
 @dataclass

@@ -18,11 +18,11 @@ from functools import cached_property
 
 from torch import nn
 
-from .config import StrategyConfig, StrategyConfigError
-from .lora import lora_target_modules
-from .memory import estimate_memory
-from .parts import PART_NAMES, ModelParts, find_parts, part_of_unit, unit_sort_key
-from .registry import Strategy, get_strategy, trainable_units
+from strategies.config import StrategyConfig, StrategyConfigError
+from strategies.lora import lora_target_modules
+from strategies.memory import estimate_memory
+from strategies.parts import PART_NAMES, ModelParts, find_parts, part_of_unit, unit_sort_key
+from strategies.registry import Strategy, get_strategy, trainable_units
 
 
 @dataclass

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .config import StrategyConfig, StrategyConfigError
-from .parts import ModelParts
+from strategies.errors import StrategyConfigError
+from strategies.names import LETTERS, NAMES, canonical_name
 
-UnitsFn = Callable[[ModelParts, StrategyConfig, int], set[str]]
+if TYPE_CHECKING:  # type hints only: tune spaces and the CLI read the registry without loading torch
+    from strategies.config import StrategyConfig
+    from strategies.parts import ModelParts
+
+UnitsFn = Callable[["ModelParts", "StrategyConfig", int], set[str]]
 
 
 @dataclass(frozen=True)
@@ -35,30 +39,15 @@ class Strategy:
 
 
 STRATEGIES: dict[str, Strategy] = {}
-ALIASES: dict[str, str] = {}
 
 
 def register(strategy: Strategy) -> Strategy:
-    if strategy.name in STRATEGIES:
-        raise ValueError(f"strategy {strategy.name!r} registered twice")
+    if strategy.name in STRATEGIES or strategy.name not in NAMES:
+        raise ValueError(f"strategy {strategy.name!r} registered twice, or missing from strategies.names.NAMES")
+    if strategy.letter and LETTERS.get(strategy.letter) != strategy.name:
+        raise ValueError(f"strategy {strategy.name!r}: letter {strategy.letter} disagrees with strategies.names")
     STRATEGIES[strategy.name] = strategy
-    if strategy.letter:
-        ALIASES[strategy.letter] = strategy.name
     return strategy
-
-
-def canonical_name(name: str, where: str = "strategy") -> str:
-    key = ALIASES.get(name, ALIASES.get(str(name).upper(), name)) if len(str(name)) == 1 else name
-    if key not in STRATEGIES:
-        import difflib
-
-        close = difflib.get_close_matches(str(name), list(STRATEGIES), 1)
-        hint = f" Did you mean `{close[0]}`?" if close else ""
-        raise StrategyConfigError(
-            f"{where}.name = {name!r}: unknown strategy.{hint} Known: {', '.join(STRATEGIES)} "
-            f"(VLM ids: {', '.join(f'{k}={v}' for k, v in sorted(ALIASES.items()))})."
-        )
-    return key
 
 
 def get_strategy(name: str) -> Strategy:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from .spec import SpaceError, SweepSpec, load_spec, parse_spec, sample_configs
+from tune_spaces.spec import SpaceError, SweepSpec, load_spec, parse_spec, sample_configs
 
 SPACES_DIR = Path(__file__).parent
 

@@ -1,7 +1,6 @@
 """Sweep definitions: a YAML file → a validated :class:`SweepSpec` and conditional sampling.
 
 A file holds three sections (see ``demo.yaml``):
-
     base:   a run config (``pipelines.config.RunConfig``): what every trial shares
     space:  searched settings, by dotted path into the run config:
               strategy.name:   {choice: [connector_only, connector_llm_lora, full]}
@@ -17,20 +16,24 @@ progressive, ``vision_lr`` only where the vision encoder trains, LoRA settings
 only for LoRA strategies), plus any explicit ``when``. A trial's overrides hold
 exactly what it used.
 
-No Ray here: ``pipelines.sweep`` turns this into a Tune run.
+No Ray here: ``pipelines.jobs.sweep`` turns this into a Tune run.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from strategies import get_strategy, settings_used
+from pipelines.config.loading import deep_merge, from_dict, load_yaml
+from pipelines.config.run import Resources
+from strategies.registry import get_strategy, settings_used
+from strategies.settings import help_of, setting, unknown_keys_error
 
 KINDS = ("choice", "loguniform", "uniform", "randint")
+SECTIONS = ("name", "base", "space", "sweep")
 
 
 class SpaceError(ValueError):
@@ -105,29 +108,22 @@ class Dim:
 
 @dataclass
 class SchedulerSettings:
-    type: str = field(default="asha", metadata={"help": "asha (early stopping on the per-epoch metric) | fifo"})
-    grace_period: int = field(default=1, metadata={"help": "asha: epochs every trial gets before it can be stopped"})
-    reduction_factor: float = field(default=2, metadata={"help": "asha: keep 1/reduction_factor at each rung"})
-
-
-@dataclass
-class TrialResources:
-    num_workers: int = field(default=1, metadata={"help": "Ray Train workers per trial"})
-    cpus_per_worker: float = field(default=1, metadata={"help": "CPUs per worker"})
-    gpus_per_worker: float = field(default=0, metadata={"help": "GPUs per worker (0 = CPU, gloo)"})
+    type: str = setting("asha", "asha (early stopping on the per-epoch metric) | fifo")
+    grace_period: int = setting(1, "asha: epochs every trial gets before it can be stopped")
+    reduction_factor: float = setting(2, "asha: keep 1/reduction_factor at each rung")
 
 
 @dataclass
 class SweepSettings:
-    num_samples: int = field(default=8, metadata={"help": "sampled configurations (each run `seeds` times)"})
-    seeds: int = field(default=1, metadata={"help": "run each configuration under N seeds to see the spread"})
-    search: str = field(default="random", metadata={"help": "random | optuna (define-by-run, conditional)"})
-    search_seed: int = field(default=0, metadata={"help": "seed of the search itself (which configs are drawn)"})
-    metric: str = field(default="eval_loss", metadata={"help": "metric reported per epoch"})
-    mode: str = field(default="min", metadata={"help": "min | max"})
-    max_concurrent_trials: int = field(default=2, metadata={"help": "trials running at once"})
-    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings, metadata={"help": "early stopping"})
-    resources: TrialResources = field(default_factory=TrialResources, metadata={"help": "per-trial resources"})
+    num_samples: int = setting(8, "sampled configurations (each run `seeds` times)")
+    seeds: int = setting(1, "run each configuration under N seeds to see the spread")
+    search: str = setting("random", "random | optuna (define-by-run, conditional)")
+    search_seed: int = setting(0, "seed of the search itself (which configs are drawn)")
+    metric: str = setting("eval_loss", "metric reported per epoch")
+    mode: str = setting("min", "min | max")
+    max_concurrent_trials: int = setting(2, "trials running at once")
+    scheduler: SchedulerSettings = setting(SchedulerSettings(), "early stopping")
+    resources: Resources = setting(Resources(), "per-trial resources: merged over `base.resources`, the same keys")
 
     def validate(self, where: str) -> None:
         for key in ("num_samples", "seeds", "max_concurrent_trials"):
@@ -145,9 +141,6 @@ class SweepSettings:
             raise SpaceError(f"{where}.scheduler.type = {self.scheduler.type!r}: use asha or fifo.")
         if self.scheduler.grace_period < 1 or self.scheduler.reduction_factor <= 1:
             raise SpaceError(f"{where}.scheduler: grace_period must be >= 1 and reduction_factor > 1.")
-        r = self.resources
-        if r.num_workers < 1 or r.cpus_per_worker <= 0 or r.gpus_per_worker < 0:
-            raise SpaceError(f"{where}.resources: num_workers >= 1, cpus_per_worker > 0, gpus_per_worker >= 0.")
 
 
 @dataclass
@@ -168,12 +161,9 @@ def _is_number(v) -> bool:
 
 
 def parse_spec(data: dict, where: str, default_name: str) -> SweepSpec:
-    from pipelines.config import from_dict  # the generic dataclass loader (unknown keys, types)
-
-    allowed = {"name", "base", "space", "sweep"}
-    unknown = set(data) - allowed
+    unknown = [k for k in data if k not in SECTIONS]
     if unknown:
-        raise SpaceError(f"{where}: unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(allowed)}.")
+        raise unknown_keys_error(f"{where} (top level)", unknown, SECTIONS, SpaceError)
     if not isinstance(data.get("base"), dict):
         raise SpaceError(f"{where}: `base:` (the run config every trial shares) is missing.")
     space_raw = data.get("space") or {}
@@ -182,8 +172,13 @@ def parse_spec(data: dict, where: str, default_name: str) -> SweepSpec:
                          "`strategy.lr: {loguniform: [1.0e-5, 1.0e-3]}`.")
     dims = [Dim.parse(key, entry, f"{where}.space") for key, entry in space_raw.items()]
     dims.sort(key=lambda d: d.key != "strategy.name")  # the strategy decides what else is sampled
-    sweep = from_dict(SweepSettings, data.get("sweep") or {}, f"{where}.sweep")
-    sweep.validate(f"{where}.sweep")
+    sweep_raw = data.get("sweep") or {}
+    if not isinstance(sweep_raw, dict):
+        raise SpaceError(f"{where}.sweep: expected a mapping of settings, got {sweep_raw!r}.")
+    # one Resources type: a trial's resources are base.resources with sweep.resources over them
+    resources = deep_merge(data["base"].get("resources") or {}, sweep_raw.get("resources") or {})
+    sweep = from_dict(SweepSettings, {**sweep_raw, "resources": resources}, f"{where}.sweep")
+    data = {**data, "base": {**data["base"], "resources": resources}}
     for dim in dims:
         for cond in dim.when:
             if cond not in {d.key for d in dims} and _lookup(data["base"], cond) is None:
@@ -196,8 +191,6 @@ def parse_spec(data: dict, where: str, default_name: str) -> SweepSpec:
 
 def load_spec(path: str | Path, overrides: dict | None = None) -> SweepSpec:
     """``overrides``: nested values merged over the file (``--set base.model=tiny-llava``)."""
-    from pipelines.config import deep_merge, load_yaml
-
     spec = parse_spec(deep_merge(load_yaml(path), overrides or {}), str(path), Path(path).stem)
     spec.path = str(path)
     return spec
@@ -262,4 +255,4 @@ def nest(flat: dict[str, Any]) -> dict:
 
 
 def settings_help() -> dict[str, str]:
-    return {f.name: f.metadata.get("help", "") for f in fields(SweepSettings)}
+    return help_of(SweepSettings)

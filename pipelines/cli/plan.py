@@ -1,0 +1,32 @@
+"""`freezetune plan`: what a strategy trains on a model, its param groups and memory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipelines.cli.options import add_strategy_flags, strategy_from_args
+
+HELP = "what a strategy trains on a model, its param groups and memory"
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="built-in preset (tiny-llama, tiny-llava, ...) or a local model folder")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_flags(p)
+    p.add_argument("--epoch", type=int, default=1, help="1-based epoch (progressive unfreezing)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_strategy_flags(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.reporting import plan_view  # lazy: loads model code; keeps freezetune --help fast
+
+    summary = plan_view.plan_summary(args.model, strategy_from_args(args), args.epoch, args.precision,
+                                     args.trust_remote_code)
+    print(json.dumps(summary) if args.json else plan_view.render_plan(summary))
+    return 0

@@ -1,0 +1,1 @@
+"""Configuration: run configs, their sections, file loading and default paths (no torch)."""

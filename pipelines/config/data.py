@@ -1,0 +1,59 @@
+"""The `data:` section of a config: which files, how they are split and cut (no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.config.paths import is_uri
+from strategies.errors import SettingsError
+from strategies.settings import from_dict
+from strategies.settings import setting as _f
+
+SUFFIXES = (".jsonl", ".parquet")
+
+
+class DataError(SettingsError):
+    """The data cannot be used as given; the message names the file, the line and the fix."""
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("", "training data: a .jsonl or .parquet file (text, prompt/completion or image-text records)")
+    eval: str | None = _f(None, "evaluation data, same format as train (default: split eval_fraction off train)")
+    eval_fraction: float = _f(0.1, "share of train held out for evaluation when `eval` is not given; in [0, 1)")
+    max_length: int = _f(128, "tokens per example; longer examples are cut at the end (image tokens count too)")
+    image_root: str | None = _f(None, "folder that relative image paths start from (default: the data file's folder)")
+    cache_dir: str | None = _f(None, "where tokenised data is cached (default: <cache_dir>/data)")
+    max_samples: int | None = _f(None, "use at most this many records of each file (quick runs)")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, where: str = "data") -> "DataConfig":
+        """Returns a validated config; unknown keys are an error with a did-you-mean hint."""
+        return from_dict(cls, dict(data or {}), where, DataError)
+
+    def validate(self, where: str = "data") -> "DataConfig":
+        """Raises ``DataError`` naming the field and the fix; returns self."""
+        for name in ("train", "eval"):
+            value = getattr(self, name)
+            if value is None and name == "eval":
+                continue
+            if not value:
+                raise DataError(f"{where}.{name} is empty: give the path of a .jsonl or .parquet file.")
+            if is_uri(value):  # demo:..., s3://...: checked once resolved, before any tokenisation
+                continue
+            if Path(value).suffix.lower() not in SUFFIXES:
+                raise DataError(f"{where}.{name} = {value!r}: use a .jsonl or .parquet file.")
+            if not Path(value).is_file():
+                raise DataError(f"{where}.{name} = {value!r}: no such file; fix the path (relative paths in a "
+                                "config file start from the file's folder).")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise DataError(f"{where}.eval_fraction = {self.eval_fraction}: use a value in [0, 1), e.g. 0.1.")
+        if self.max_length < 8:
+            raise DataError(f"{where}.max_length = {self.max_length}: use at least 8 tokens, e.g. 128 (image-text data needs room for the image tokens too).")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise DataError(f"{where}.max_samples = {self.max_samples}: use a positive number, or leave it unset for all records.")
+        if self.image_root is not None and not Path(self.image_root).is_dir():
+            raise DataError(f"{where}.image_root = {self.image_root!r}: no such folder.")
+        return self

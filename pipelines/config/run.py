@@ -1,0 +1,138 @@
+"""Run configuration: one YAML file describes one fine-tuning run.
+
+Every field carries its help text; loading (``strategies.settings.from_dict``) checks unknown keys (with a
+"did you mean"), types and ranges as each section is built, before anything expensive starts, and each
+error names the file, the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import paths
+from pipelines.config.analysis import AnalysisSettings
+from pipelines.config.data import DataConfig
+from pipelines.config.loading import ConfigError, deep_merge, from_dict, load_yaml
+from strategies.config import StrategyConfig
+from strategies.schedules import ScheduleConfig
+from strategies.settings import setting as _f
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+SAVE_MODES = ("adapter", "merged", "none")
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = _f(3, "epochs (progressive unfreezing thaws layers_per_epoch blocks per epoch)")
+    batch_size: int = _f(8, "micro-batch size per worker")
+    grad_accum: int = _f(1, "micro-batches per optimizer step (the last partial window still steps)")
+    precision: str = _f("fp32", "fp32 | bf16 | fp16 (fp16 uses a GradScaler)")
+    max_grad_norm: float = _f(1.0, "clip the grad norm of trainable parameters (0 = off)")
+    adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    adam_eps: float = _f(1e-8, "AdamW eps")
+    schedule: ScheduleConfig = _f(ScheduleConfig(), "LR schedule over the whole run")
+    save: str = _f("adapter", "final model: adapter (trainable weights / LoRA adapter) | merged (full model) | none")
+    find_unused_parameters: bool | None = _f(None, "DDP: default on when vision weights train (layers above the feature layer feed no loss)")
+    eval_max_batches: int | None = _f(None, "cap on eval batches per epoch (None = whole eval set)")
+
+    def validate(self, where: str = "train") -> None:
+        for key in ("epochs", "batch_size", "grad_accum"):
+            _positive_int(getattr(self, key), f"{where}.{key}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"{where}.precision = {self.precision!r}: use fp32, bf16 or fp16.")
+        if self.save not in SAVE_MODES:
+            raise ConfigError(f"{where}.save = {self.save!r}: use adapter, merged or none.")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"{where}.max_grad_norm = {self.max_grad_norm}: must be >= 0 (0 turns clipping off).")
+
+
+@dataclass
+class Resources:
+    num_workers: int = _f(2, "Ray Train workers (DDP ranks)")
+    use_gpu: bool = _f(False, "GPU workers (nccl; one GPU each unless gpus_per_worker says); CPU workers use gloo")
+    cpus_per_worker: float = _f(1, "CPUs per worker")
+    gpus_per_worker: float | None = _f(None, "GPUs per worker (default 1 when use_gpu; > 0 implies use_gpu)")
+    resources_per_worker: dict[str, float] = _f({}, "custom Ray resources per worker, e.g. {accelerator_type:H100: 0.01}")
+    max_failures: int = _f(1, "worker-group restarts from the last checkpoint before the run fails")
+
+    def validate(self, where: str = "resources") -> None:
+        _positive_int(self.num_workers, f"{where}.num_workers")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"{where}.cpus_per_worker must be > 0.")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ConfigError(f"{where}.gpus_per_worker = {self.gpus_per_worker}: must be >= 0 (0 = CPU workers).")
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.use_gpu or bool(self.gpus_per_worker)
+
+    def per_worker(self) -> dict[str, float]:
+        """One worker's Ray resources: CPUs, GPUs (1 when use_gpu and gpus_per_worker is unset), custom ones."""
+        gpus = self.gpus_per_worker if self.gpus_per_worker is not None else (1 if self.use_gpu else 0)
+        return {"CPU": self.cpus_per_worker, **({"GPU": gpus} if gpus else {}), **self.resources_per_worker}
+
+
+@dataclass
+class MlflowSettings:
+    tracking_uri: str | None = _f(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    experiment: str = _f("freezetune", "MLflow experiment name")
+
+
+@dataclass
+class RunConfig:
+    model: str = _f("tiny-llava", "built-in preset, local from_pretrained folder, or hub name")
+    name: str | None = _f(None, "run name (Ray storage folder and MLflow run name); default: derived from the config")
+    seed: int = _f(0, "seeds torch, data order and the split")
+    trust_remote_code: bool = _f(False, "allow model code from the model folder (off unless you trust it)")
+    strategy: StrategyConfig = _f(StrategyConfig(), "what trains and at which LRs (see `freezetune plan --help`)")
+    data: DataConfig = _f(DataConfig(train=""), "training data")
+    train: TrainSettings = _f(TrainSettings(), "loop settings")
+    resources: Resources = _f(Resources(), "Ray Train scaling")
+    mlflow: MlflowSettings = _f(MlflowSettings(), "MLflow tracking")
+    analysis: AnalysisSettings = _f(AnalysisSettings(), "layer importance (`freezetune analyze`; `importance: before|after|both` "
+                                                        "analyses a training run's model before and/or after fine-tuning)")
+    storage_path: str | None = _f(None, "Ray storage for checkpoints (default ~/.freezetune/runs; shared storage or s3:// on a cluster)")
+    cache_dir: str | None = _f(None, "materialised presets and tokenised data (default $FREEZETUNE_CACHE, else ~/.freezetune/cache)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def resolved_storage_path(self) -> str:
+        return paths.storage_root(self.storage_path)
+
+    @property
+    def resolved_cache_dir(self) -> str:
+        return str(paths.cache_root(self.cache_dir))
+
+    @property
+    def tracking_uri(self) -> str:
+        return paths.tracking_uri(self.mlflow.tracking_uri)
+
+
+def _positive_int(value, where: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where} = {value!r}: must be an integer >= 1.")
+
+
+def run_config_from_dict(data: dict, where: str = "config", base_dir: str | Path | None = None) -> RunConfig:
+    """A validated run config; data paths in a config file are relative to the file (``base_dir``)."""
+    data = dict(data)
+    if base_dir is not None and isinstance(data.get("data"), dict):
+        data["data"] = {k: paths.relative_to(base_dir, v) if k in ("train", "eval", "image_root") and isinstance(v, str)
+                        else v for k, v in data["data"].items()}
+    cfg = from_dict(RunConfig, data, where)
+    cfg.mlflow.tracking_uri = cfg.tracking_uri  # fixed now: later code may change the working directory
+    if cfg.data.cache_dir is None:  # one cache root for models and tokenised data
+        cfg.data.cache_dir = str(Path(cfg.resolved_cache_dir) / "data")
+    return cfg
+
+
+def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    data = load_yaml(path)
+    if overrides:
+        data = deep_merge(data, overrides)
+    return run_config_from_dict(data, where=str(path), base_dir=Path(path).parent)

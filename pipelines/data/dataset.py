@@ -1,0 +1,401 @@
+"""Training data: read JSONL/parquet, check it, tokenise once (cached on disk), split, shard, batch.
+
+Record shapes (detected from the first record; every record of a file must share it):
+    text                {"text": ...}                               loss on every token
+    prompt/completion   {"prompt": ..., "completion": ...}          loss on the completion only
+    image-text          {"image": path, "prompt": ..., "response"}  through the model's processor;
+                                                                    prompt holds "<image>"; loss on the response
+    classification      {"text": ..., "label": int}                 sequence classifiers (BERT-like)
+
+An example is a dict of tensors: ``input_ids``, ``attention_mask``, ``labels`` (``-100`` where
+no loss is taken; a 0-d class id for classification) and, for images, ``pixel_values``
+(C, H, W). Every check that can fail runs before any tokenisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.config import paths
+from pipelines.config.data import SUFFIXES, DataConfig, DataError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # what HF models' loss functions skip
+CACHE_VERSION = 2  # bump when the tokenised layout changes, so old caches are not reused
+KINDS = {  # kind -> the keys that make it (checked in this order)
+    "image": ("image", "prompt", "response"),
+    "prompt_completion": ("prompt", "completion"),
+    "classification": ("text", "label"),
+    "text": ("text",),
+}
+
+# How often records were tokenised vs served from the cache in this process (tests and logs read it).
+cache_stats = {"tokenized_files": 0, "cache_hits": 0}
+
+
+# ---------------------------------------------------------------- reading and checking
+@dataclass
+class _Record:
+    where: str  # "file, line N" for messages
+    kind: str
+    data: dict
+    image: Path | None = None
+
+
+def _read_rows(path: Path) -> list[tuple[str, Any]]:
+    """Returns (location, raw row) pairs; JSON is parsed here so a bad line fails early."""
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as err:  # pyarrow raises several types for a bad file
+            raise DataError(f"{path}: not a readable parquet file ({err}).") from err
+        return [(f"{path}, row {i}", row) for i, row in enumerate(rows, 1)]
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append((f"{path}, line {n}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}, line {n}: malformed JSON ({err.msg} at column {err.colno}); fix that line "
+                                "(one JSON object per line).") from err
+    return out
+
+
+def _kind_of(row: Any) -> str | None:
+    if not isinstance(row, dict):
+        return None
+    present = {k for k, v in row.items() if v is not None}
+    for kind, keys in KINDS.items():
+        if set(keys) <= present:
+            return kind
+    return None
+
+
+def _check_types(where: str, kind: str, row: dict) -> None:
+    for key in KINDS[kind]:
+        want = int if key == "label" else str
+        if not isinstance(row[key], want) or isinstance(row[key], bool):
+            raise DataError(f"{where}: `{key}` must be a {want.__name__}, got {type(row[key]).__name__}.")
+
+
+def _image_path(where: str, raw: str, root: Path) -> Path:
+    path = Path(raw) if os.path.isabs(raw) else root / raw
+    if not path.is_file():
+        raise DataError(f"{where}: image `{raw}` not found (looked at {path}); fix the path or set data.image_root.")
+    return path
+
+
+def _check_image_header(rec: "_Record") -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(rec.image) as img:  # reads the header only: cheap, catches non-images
+            img.size
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"{rec.where}: image `{rec.data['image']}` ({rec.image}) cannot be read as an image ({err}); "
+                        "replace the file or fix the path on that line.") from err
+
+
+def read_records(path: str | Path, image_root: str | Path | None = None, max_samples: int | None = None,
+                 image_token: str | None = None, check_image_headers: bool = True) -> list[_Record]:
+    """Returns the checked records of one file (no tokenisation).
+
+    Raises ``DataError`` for malformed JSON, an unknown or mixed record shape, a missing or
+    unreadable image, a prompt without ``image_token``, or an empty file. Without
+    ``check_image_headers`` images are only checked to exist (a cache hit needs no more: the
+    cache key holds every image's size and mtime, and they were read when it was written).
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    rows = _read_rows(path)
+    if max_samples is not None:
+        rows = rows[:max_samples]
+    if not rows:
+        raise DataError(f"{path}: no records (empty dataset); add records (one JSON object per line) or point "
+                        "data.train / data.eval at another file.")
+    records, file_kind, first_where = [], None, None
+    for where, row in rows:
+        kind = _kind_of(row)
+        if kind is None:
+            found = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise DataError(
+                f"{where}: unknown record shape, found keys {found}; use {{\"text\"}}, "
+                "{\"prompt\", \"completion\"}, {\"image\", \"prompt\", \"response\"} or {\"text\", \"label\"}."
+            )
+        if file_kind is None:
+            file_kind, first_where = kind, where
+        elif kind != file_kind:
+            raise DataError(f"{where}: a {kind} record, but {first_where} is {file_kind}; one file holds one format.")
+        _check_types(where, kind, row)
+        image = None
+        if kind == "image":
+            if image_token is None:
+                raise DataError(f"{where}: image-text records need a VLM processor, but the model's processor "
+                                "has no image processor; use a vision-language model or text-only data.")
+            if image_token not in row["prompt"]:
+                raise DataError(f"{where}: the prompt has no `{image_token}` token; put it where the image goes, "
+                                f"e.g. \"{image_token}\\n{row['prompt']}\".")
+            image = _image_path(where, row["image"], root)
+        records.append(_Record(where, kind, row, image))
+    if check_image_headers:
+        _check_image_headers(records)
+    return records
+
+
+def _check_image_headers(records: list[_Record]) -> None:
+    for rec in records:
+        if rec.image is not None:
+            _check_image_header(rec)
+
+
+# ---------------------------------------------------------------- tokenising
+def _tokenizer_of(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def _image_token(processor) -> str | None:
+    return getattr(processor, "image_token", None) if hasattr(processor, "image_processor") else None
+
+
+def pad_token_id(processor) -> int:
+    """Returns the id ``collate`` should pad with: the tokenizer's pad id, else its eos id, else 0."""
+    tok = _tokenizer_of(processor)
+    for value in (tok.pad_token_id, tok.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _encode(tok, text: str, specials: bool) -> list[int]:
+    return list(tok(text, add_special_tokens=specials)["input_ids"])
+
+
+def _tokenize(rec: _Record, processor, max_length: int) -> dict[str, torch.Tensor] | None:
+    """Returns one example, or None when truncation leaves no token to learn from."""
+    tok = _tokenizer_of(processor)
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    extra = {}
+    if rec.kind == "classification":
+        ids = _encode(tok, rec.data["text"], True)[:max_length]
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long),
+                "labels": torch.tensor(rec.data["label"])}
+    if rec.kind == "text":
+        prompt, target = [], _encode(tok, rec.data["text"], True) + eos
+    elif rec.kind == "prompt_completion":
+        prompt, target = _encode(tok, rec.data["prompt"], True), _encode(tok, rec.data["completion"], False) + eos
+    else:  # image: the processor expands the image token to as many slots as the model has image features
+        from PIL import Image
+
+        with Image.open(rec.image) as img:
+            out = processor(images=[img.convert("RGB")], text=[rec.data["prompt"]], return_tensors="pt")
+        prompt = out["input_ids"][0].tolist()
+        target = _encode(tok, rec.data["response"], False) + eos
+        if len(prompt) >= max_length:
+            raise DataError(f"{rec.where}: the prompt with its image takes {len(prompt)} tokens, max_length is "
+                            f"{max_length}; raise data.max_length (cutting image tokens would break the model).")
+        extra = {k: v[0] for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+    ids = (prompt + target)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt) + target)[:max_length]
+    if all(x == IGNORE_INDEX for x in labels):
+        return None
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long),
+            "labels": torch.tensor(labels), **extra}
+
+
+def _processor_fingerprint(processor) -> str:
+    """What of the processor decides the tokens: the tokenizer file and the processor settings."""
+    tok = _tokenizer_of(processor)
+    parts = [tok.backend_tokenizer.to_str() if hasattr(tok, "backend_tokenizer") else repr(tok.get_vocab())]
+    parts.append(json.dumps(tok.special_tokens_map, sort_keys=True, default=str))
+    if processor is not tok:
+        for attr in ("image_processor", "video_processor"):
+            sub = getattr(processor, attr, None)
+            if sub is not None:
+                parts.append(sub.to_json_string())
+        parts.append(json.dumps({k: getattr(processor, k, None) for k in (
+            "patch_size", "vision_feature_select_strategy", "image_token", "num_additional_image_tokens")},
+            sort_keys=True, default=str))
+    return "\n".join(parts)
+
+
+def _cache_key(path: Path, records: list[_Record], processor, max_length: int, max_samples: int | None) -> str:
+    h = hashlib.sha256()
+    h.update(f"v{CACHE_VERSION}|max_length={max_length}|max_samples={max_samples}\n".encode())
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    for rec in records:
+        if rec.image is not None:  # stat, not bytes: cheap, and catches a replaced image
+            st = rec.image.stat()
+            h.update(f"{os.path.abspath(rec.image)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(_processor_fingerprint(processor).encode())
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``<cache root>/data``: the project's one cache root (``pipelines.config.paths.cache_root``)."""
+    return paths.cache_root() / "data"
+
+
+def cache_path(cfg: DataConfig, path: str | Path, processor) -> Path:
+    """Returns the cache file that holds ``path`` tokenised with ``processor`` under ``cfg``."""
+    records = read_records(path, cfg.image_root, cfg.max_samples, _image_token(processor), check_image_headers=False)
+    return _cache_file(cfg, Path(path), records, processor)
+
+
+def _cache_file(cfg: DataConfig, path: Path, records: list[_Record], processor) -> Path:
+    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    return root / f"{path.stem}-{_cache_key(path, records, processor, cfg.max_length, cfg.max_samples)[:20]}.pt"
+
+
+def _pack(examples: list[dict]) -> dict:
+    """One tensor per field (the examples concatenated, with each one's shape), not one per example: loading
+    thousands of small tensors one by one is what made a warm cache slow."""
+    keys = list(examples[0])
+    if any(list(ex) != keys for ex in examples):
+        raise ValueError("examples with different fields")  # one file holds one format: does not happen
+    fields = {}
+    for key in keys:
+        values = [ex[key] for ex in examples]
+        fields[key] = {"data": torch.cat([v.reshape(-1) for v in values]),
+                       "shapes": torch.tensor([list(v.shape) for v in values], dtype=torch.long)}
+    return {"layout": "packed", "count": len(examples), "fields": fields}
+
+
+def _unpack(packed: dict) -> list[dict]:
+    columns = {}
+    for key, field in packed["fields"].items():
+        shapes = [torch.Size(s) for s in field["shapes"].tolist()]
+        pieces = field["data"].split([s.numel() for s in shapes])
+        if field["shapes"].shape[1] != 1:  # 1-D fields (token ids, masks, labels) are already in shape
+            pieces = [piece.view(shape) for piece, shape in zip(pieces, shapes)]
+        columns[key] = list(pieces)
+    return [{k: col[i] for k, col in columns.items()} for i in range(packed["count"])]
+
+
+def _read_cache(target: Path, path: Path) -> list[dict] | None:
+    """The cached examples of ``path``, or None when there is no usable cache file."""
+    if not target.is_file():
+        return None
+    try:
+        examples = _unpack(torch.load(target, weights_only=True))
+    except Exception as err:  # a corrupt cache is rebuilt, never trusted
+        log.warning("data cache %s unreadable (%s); tokenising again", target, err)
+        return None
+    cache_stats["cache_hits"] += 1
+    log.info("data %s: %d examples from cache %s", path, len(examples), target)
+    return examples
+
+
+def _tokenize_into_cache(cfg: DataConfig, path: Path, records: list[_Record], processor, target: Path) -> list[dict]:
+    examples = [ex for ex in (_tokenize(r, processor, cfg.max_length) for r in records) if ex is not None]
+    dropped = len(records) - len(examples)
+    if dropped:
+        log.warning("data %s: %d record(s) dropped: nothing left to learn after cutting to max_length=%d",
+                    path, dropped, cfg.max_length)
+    if not examples:
+        raise DataError(f"{path}: no usable examples (empty dataset after truncation to max_length={cfg.max_length}).")
+    cache_stats["tokenized_files"] += 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=target.parent)
+    os.close(fd)
+    try:
+        torch.save(_pack(examples), tmp)
+        os.replace(tmp, target)  # atomic: concurrent workers never read half a file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("data %s: tokenised %d examples into %s", path, len(examples), target)
+    return examples
+
+
+# ---------------------------------------------------------------- datasets
+def load_datasets(cfg: DataConfig, processor, seed: int) -> tuple[list[dict], list[dict]]:
+    """Returns (train, eval) lists of examples (dicts of tensors).
+
+    Both files are read and checked before anything is tokenised. Without ``cfg.eval``,
+    a seeded shuffle holds out ``eval_fraction`` of train (eval is ``[]`` when it is 0).
+    """
+    cfg.validate()
+    image_token = _image_token(processor)
+    files = [Path(cfg.train)] + ([Path(cfg.eval)] if cfg.eval else [])
+    checked = [read_records(f, cfg.image_root, cfg.max_samples, image_token, check_image_headers=False)
+               for f in files]
+    targets = [_cache_file(cfg, f, recs, processor) for f, recs in zip(files, checked)]
+    cached = [_read_cache(t, f) for t, f in zip(targets, files)]
+    for recs, hit in zip(checked, cached):
+        if hit is None:  # every image of every file to tokenise is checked before any tokenising starts
+            _check_image_headers(recs)
+    loaded = [hit if hit is not None else _tokenize_into_cache(cfg, f, recs, processor, t)
+              for f, recs, t, hit in zip(files, checked, targets, cached)]
+    train = loaded[0]
+    if cfg.eval:
+        return train, loaded[1]
+    if cfg.eval_fraction == 0:
+        return train, []
+    n_eval = max(1, round(len(train) * cfg.eval_fraction))
+    if n_eval >= len(train):
+        raise DataError(f"{cfg.train}: {len(train)} example(s) are too few to hold out eval_fraction="
+                        f"{cfg.eval_fraction}; add data, give data.eval, or set data.eval_fraction=0.")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]]
+
+
+def shard(dataset: list, rank: int, world_size: int) -> list:
+    """Returns worker ``rank``'s part: every ``world_size``-th example, the remainder dropped.
+
+    Parts are disjoint and equally long, so every DDP worker runs the same number of steps.
+    With fewer examples than workers every part is empty; the caller decides whether that is an error.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"shard: rank {rank} is not in [0, {world_size})")
+    per_worker = len(dataset) // world_size
+    return [dataset[i] for i in range(rank, per_worker * world_size, world_size)]
+
+
+def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Returns a padded batch for the model's forward: ``input_ids``, ``attention_mask``, ``labels``
+    (B, T), right-padded with ``pad_token_id`` / 0 / -100, plus ``pixel_values`` (B, C, H, W) when
+    the examples have images (and any other per-example image tensor, stacked).
+    """
+    if not batch:
+        raise ValueError("collate: empty batch")
+    length = max(len(ex["input_ids"]) for ex in batch)
+    size = (len(batch), length)
+    out = {
+        "input_ids": torch.full(size, pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros(size, dtype=torch.long),
+    }
+    sequence_labels = batch[0]["labels"].dim() == 1
+    out["labels"] = torch.full(size, IGNORE_INDEX, dtype=torch.long) if sequence_labels else \
+        torch.stack([ex["labels"] for ex in batch])
+    for i, ex in enumerate(batch):
+        n = len(ex["input_ids"])
+        out["input_ids"][i, :n] = ex["input_ids"]
+        out["attention_mask"][i, :n] = ex["attention_mask"]
+        if sequence_labels:
+            out["labels"][i, :n] = ex["labels"]
+    for key in sorted(set(batch[0]) - {"input_ids", "attention_mask", "labels"}):
+        if any(key not in ex for ex in batch):
+            raise ValueError(f"collate: `{key}` is in some examples of the batch and not in others")
+        out[key] = torch.stack([ex[key] for ex in batch])
+    return out
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Returns the number of non-padding tokens in a collated batch."""
+    return int(batch["attention_mask"].sum())

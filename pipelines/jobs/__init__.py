@@ -1,0 +1,1 @@
+"""The Ray driver side: preflight checks, `train`, `sweep`, `analyze`, and the callbacks that write MLflow."""

@@ -1,0 +1,185 @@
+"""`freezetune sweep tune_spaces/NAME.yaml`: Ray Tune over strategies and per-part learning rates.
+
+Each trial is a Tune function that builds and fits a TorchTrainer (Train V2);
+the workers' per-epoch reports reach Tune through ``TuneReportCallback`` so
+ASHA can stop a trial early. MLflow is written by the Tune driver only: the
+sweep is one parent run, each trial exactly one child run.
+
+Before anything starts, every trial's config is built and checked against the
+model (on the meta device), so a bad space fails in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from optuna.samplers import TPESampler
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from pipelines import tracking
+from pipelines.jobs import ray_env
+from pipelines.jobs.callbacks import SweepMlflowCallback
+from pipelines.jobs.importance import trial_importance
+from pipelines.jobs.preflight import check_cluster_reach, fresh_name, prepare
+from pipelines.jobs.sweep_plan import SWEEP_KEY_TAG, SweepPlan, build_sweep_plan, describe, trial_config, trial_settings
+from pipelines.jobs.trainer import make_trainer
+from pipelines.reporting.mlflow_reader import collect
+from pipelines.reporting.render import render_text
+from pipelines.tracking import MlflowRun
+from tune_spaces.spec import SweepSpec, define_by_run
+
+log = logging.getLogger("freezetune.sweep")
+
+
+def run_trial(config: dict, plan: SweepPlan, model_path: str, trials_storage: str) -> None:
+    """One Tune trial = one TorchTrainer, named after the trial so a restarted trial finds its checkpoints."""
+    overrides, seed_index = trial_settings(config, plan.configs)
+    cfg = trial_config(plan, overrides, seed_index)
+    trial_id = ray.tune.get_context().get_trial_id()
+    when, trial_dir = cfg.analysis.importance, f"{trials_storage}/{trial_id}"
+    if when in ("before", "both"):
+        trial_importance(cfg, model_path, "before", trial_dir)
+    result = make_trainer(cfg, model_path, trial_id, [TuneReportCallback()], trials_storage).fit()
+    if when in ("after", "both") and result.checkpoint is not None:
+        trial_importance(cfg, model_path, "after", trial_dir, checkpoint=result.checkpoint.path)
+
+
+# --- the sweep ----------------------------------------------------------------------
+
+
+def run_sweep(path: str | Path, address: str | None = None, resume: bool = False, dry_run: bool = False,
+              overrides: dict | None = None) -> dict:
+    path = Path(path).absolute()  # ray.init inside a job may change the working directory
+    plan = build_sweep_plan(path, overrides)
+    print(describe(plan), flush=True)
+    if dry_run:
+        return {"dry_run": True, "trials": plan.num_trials}
+
+    spec, base = plan.spec, plan.base
+    prep = prepare(base)  # tracking reachable, model resolved, data tokenised once for every trial
+    uri, storage = base.tracking_uri, base.resolved_storage_path
+    name = spec.name if resume else fresh_name(storage, spec.name)
+    sweep_dir = f"{storage}/{name}"
+    if resume and not tune.Tuner.can_restore(sweep_dir):
+        raise ValueError(f"--resume: no sweep to resume at {sweep_dir}; run without --resume to start it.")
+
+    ray_env.connect(address)
+    ray_env.leave_job_working_dir(storage)
+    ray_env.check_capacity(spec.sweep.resources.num_workers, base.resources.per_worker())
+    check_cluster_reach(base, prep.model_path)
+
+    parent = MlflowRun.start_or_resume(uri, base.mlflow.experiment, name, SWEEP_KEY_TAG, sweep_dir, resume=resume,
+                                       tags={"kind": "sweep"})
+    with parent:  # ends FINISHED, KILLED, or FAILED with the error, whatever happens from here on
+        if not parent.resumed:
+            log_sweep_start(parent, plan, path, overrides)
+        callback = SweepMlflowCallback(uri, base.mlflow.experiment, parent.run_id, sweep_dir, plan, base.train.epochs)
+        outbox = f"{sweep_dir}/mlflow_outbox.json"
+        if resume and os.path.exists(outbox):
+            callback.replay(outbox)
+            os.remove(outbox)
+        # The trial function only drives; its TorchTrainer's workers hold the real resources. It lives on the
+        # head node: scattered over worker nodes, its CPU slivers would leave no node a whole CPU for a worker.
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, plan=plan, model_path=prep.model_path,
+                                 trials_storage=f"{sweep_dir}/trials"),
+            tune.PlacementGroupFactory([{"CPU": 0.05, "node:__internal_head__": 0.001}]),
+        )
+        if resume:
+            log.info("resuming sweep %s from %s", name, sweep_dir)
+            tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(trainable, param_space=_param_space(plan), tune_config=_tune_config(plan),
+                               run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[callback],
+                                                         verbose=1))
+        grid = tuner.fit()
+        writer = _mlflow_writer(tuner, callback)
+        undelivered = writer.flush()
+        if undelivered:
+            writer.dump(outbox)
+            raise tracking.TrackingError(
+                f"the sweep finished but MLflow ({tracking.redact(uri)}) stayed unreachable: {undelivered} write(s) "
+                f"are kept in {outbox}. Bring MLflow back and run `freezetune sweep {path} --resume`: it delivers "
+                "them first (no trial is rerun).")
+        summary = summarize(uri, parent.run_id, spec.sweep.metric, spec.sweep.mode)
+        print("\n" + summary["text"], flush=True)
+        log_sweep_summary(parent, summary, spec.sweep.metric)
+        return {"parent_run_id": parent.run_id, "name": name, "rows": summary["rows"], "errors": len(grid.errors),
+                "tracking_uri": uri}
+
+
+def log_sweep_start(parent: MlflowRun, plan: SweepPlan, path: Path, overrides: dict | None) -> None:
+    """The parent run's settings, the space file as written and as drawn."""
+    parent.log_params({**tracking.flatten({"sweep": _settings_dict(plan.spec)}), "model": plan.base.model,
+                       "trials": plan.num_trials})
+    parent.log_text(Path(path).read_text(), f"space/{Path(path).name}")
+    if overrides:
+        parent.log_dict(overrides, "space/overrides.json")
+    parent.log_text(describe(plan), "space/space.txt")
+
+
+def log_sweep_summary(parent: MlflowRun, summary: dict, metric: str) -> None:
+    """The ranked trials, and the best one's settings and score."""
+    parent.log_text(summary["text"], "summary/ranked.txt")
+    parent.log_dict(summary["rows"], "summary/ranked.json")
+    best = summary["rows"][0] if summary["rows"] and summary["rows"][0]["outcome"] != "failed" else None
+    if best:
+        parent.set_tags({"best_trial": best["trial_id"], "best_run_id": best["run_id"], f"best_{metric}": best["best"]})
+        parent.log_params({f"best.{k}": v for k, v in best["params"].items()})
+        parent.log_metrics({f"best_{metric}": best["best"]}, step=0)
+
+
+def _mlflow_writer(tuner, fallback):
+    """The callback instance Tune actually used (a restored Tuner carries its own unpickled copy)."""
+    try:
+        callbacks = tuner._local_tuner.get_run_config().callbacks or []
+    except AttributeError:
+        callbacks = []
+    return next((c for c in callbacks if isinstance(c, SweepMlflowCallback)), fallback)
+
+
+def _settings_dict(spec: SweepSpec) -> dict:
+    return dataclasses.asdict(spec.sweep)
+
+
+def _param_space(plan: SweepPlan) -> dict:
+    if plan.spec.sweep.search == "optuna":
+        return {}
+    return {"config_index": tune.grid_search(list(range(len(plan.configs)))),
+            "seed_index": tune.grid_search(list(range(plan.spec.sweep.seeds)))}
+
+
+def _tune_config(plan: SweepPlan):
+    s = plan.spec.sweep
+    if s.scheduler.type == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=plan.base.train.epochs,
+                                  grace_period=s.scheduler.grace_period, reduction_factor=s.scheduler.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    search_alg, num_samples = None, 1
+    if s.search == "optuna":
+        search_alg = OptunaSearch(space=define_by_run(plan.spec, plan.is_vlm), metric=s.metric, mode=s.mode,
+                                  sampler=TPESampler(seed=s.search_seed))
+        num_samples = s.num_samples
+    return tune.TuneConfig(metric=s.metric, mode=s.mode, scheduler=scheduler, search_alg=search_alg,
+                           num_samples=num_samples, max_concurrent_trials=s.max_concurrent_trials)
+
+
+# --- the ranked summary, from MLflow (the record that outlives the cluster) -----------
+
+
+def summarize(uri: str, parent_run_id: str, metric: str = "eval_loss", mode: str = "min") -> dict:
+    """The sweep's children ranked as `freezetune compare` ranks them (finished first, then stopped early;
+    running and failed trials never ranked), as rows for the parent run and the text printed at the end."""
+    cmp = collect(uri, runs=[parent_run_id], metric=metric, mode=mode)
+    rows = [{"rank": t.rank, "trial_id": t.trial_id, "run_id": t.run_id, "strategy": t.strategy, "outcome": t.outcome,
+             "best": t.best, "epochs": t.epochs_reached, "config_id": t.config_id,
+             "params": {k: v for k, v in t.params.items() if k.startswith("strategy.") or k == "seed"}}
+            for t in cmp.trials]
+    return {"rows": rows, "text": render_text(cmp), "verdict": cmp.verdict}

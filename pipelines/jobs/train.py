@@ -1,0 +1,84 @@
+"""`freezetune train CONFIG.yaml`: one fine-tuning run on Ray Train, logged to MLflow.
+
+Order matters: everything cheap that can be wrong is checked first (``preflight``: config, MLflow
+reachability, model, strategy against the model on the meta device, data), then Ray starts and the
+TorchTrainer's workers run ``pipelines.training``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import matplotlib.pyplot as plt
+
+from pipelines import tracking
+from pipelines.config.run import RunConfig
+from pipelines.jobs import ray_env
+from pipelines.jobs.callbacks import TrainEpochLogger
+from pipelines.jobs.importance import log_trial_importance, trial_importance
+from pipelines.jobs.preflight import Prepared, check_cluster_reach, default_run_name, fresh_name, prepare
+from pipelines.jobs.trainer import make_trainer
+from pipelines.reporting.lr_plot import lr_schedule_figure
+from pipelines.reporting.plan_view import render_plan
+from pipelines.tracking import MlflowRun
+
+log = logging.getLogger("freezetune.train")
+
+RUN_KEY_TAG = "freezetune.run_key"  # how a resumed run finds its MLflow run
+
+
+def log_run_start(prep: Prepared, run: MlflowRun) -> None:
+    """Params, tags, the plan table and the LR-schedule plot."""
+    cfg, s = prep.cfg, prep.plan_summary
+    run.log_params({**tracking.flatten(cfg.to_dict()), "model_path": prep.model_path,
+                    "data.n_train": prep.n_train, "data.n_eval": prep.n_eval})
+    run.set_tags({
+        "strategy": s["strategy"], "model": cfg.model, "vlm_strategy_id": s.get("letter") or "",
+        "parts_trained": ",".join(p for p, v in s["parts"].items() if v["trainable"]),
+        "trainable_params": s["trainable_params"], "trainable_share": f"{s['trainable_share']:.4f}",
+    })
+    run.log_text(render_plan(s), "plan/plan.txt")
+    run.log_dict(s, "plan/plan.json")
+    fig = lr_schedule_figure(s["param_groups"], prep.steps_per_epoch, cfg.train.epochs, cfg.train.schedule,
+                             s.get("stages"), title=f"LR schedule: {s['strategy']} on {cfg.model}")
+    run.log_figure(fig, "plots/lr_schedule.png")
+    plt.close(fig)
+
+
+def run_training(cfg: RunConfig, address: str | None = None, resume: bool = False) -> dict:
+    """Run one fine-tuning; returns {run_id, run_name, metrics, checkpoint}. The MLflow run always ends."""
+    prep = prepare(cfg)
+    uri = cfg.tracking_uri
+    storage = cfg.resolved_storage_path
+    base_name = cfg.name or default_run_name(cfg)
+    run_name = base_name if resume else fresh_name(storage, base_name)
+
+    ray_env.connect(address)
+    ray_env.leave_job_working_dir(storage)
+    res = cfg.resources
+    ray_env.check_capacity(res.num_workers, res.per_worker())
+    check_cluster_reach(cfg, prep.model_path)
+
+    run = MlflowRun.start_or_resume(uri, cfg.mlflow.experiment, run_name, RUN_KEY_TAG, f"{storage}/{run_name}",
+                                    resume=resume)
+    if run.resumed:
+        log.info("resuming MLflow run %s (%s)", run.run_id, run_name)
+    with run:
+        log_run_start(prep, run)
+        trainer = make_trainer(cfg, prep.model_path, run_name, [TrainEpochLogger(uri, run.run_id)], storage)
+        when, analysis_dir = cfg.analysis.importance, f"{storage}/{run_name}/importance"
+        if when in ("before", "both"):
+            trial_importance(cfg, prep.model_path, "before", analysis_dir)
+        log.info("training %s: %d workers, %d optimizer steps per epoch, %d epochs", run_name, res.num_workers,
+                 prep.steps_per_epoch, cfg.train.epochs)
+        result = trainer.fit()
+        checkpoint = result.checkpoint.path if result.checkpoint else None
+        if when in ("after", "both") and checkpoint:
+            trial_importance(cfg, prep.model_path, "after", analysis_dir, checkpoint=checkpoint)
+        if when:
+            log_trial_importance(uri, run.run_id, analysis_dir)
+        if checkpoint:
+            run.set_tags({"checkpoint": checkpoint,
+                          "final_model": f"{checkpoint}/final_model" if cfg.train.save != "none" else ""})
+        return {"run_id": run.run_id, "run_name": run_name, "checkpoint": checkpoint,
+                "metrics": tracking.client(uri).get_run(run.run_id).data.metrics, "tracking_uri": uri}

@@ -1,0 +1,1 @@
+"""Models: tiny presets built from transformers configs, their byte tokenizer, and loading."""

@@ -1,0 +1,212 @@
+"""Model and processor loading: built-in presets, local folders and hub names through one path.
+
+A preset is first *materialized* (built from its config, saved with ``save_pretrained``
+next to its tokenizer/processor), so that training always goes through the real
+``from_pretrained`` code, exactly as it would for a hub model or a local checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipelines.config import paths
+from pipelines.models import presets
+from pipelines.models.tokenizer import IMAGE_TOKEN, build_byte_tokenizer
+
+log = logging.getLogger(__name__)
+
+_COMPLETE = ".freezetune-complete"  # written last, so a folder that has it is whole
+MATERIALIZE_SEED = 0
+
+
+class ModelLoadError(OSError):
+    """A model spec could not be resolved or loaded; the message says what was tried."""
+
+
+# ---------------------------------------------------------------- presets
+def _tiny_llava_processor(model_config):
+    """A real ``LlavaProcessor`` matched to the model's vision tower and feature selection."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    vision = model_config.vision_config
+    # The PIL backend: the default (fast) CLIP image processor needs torchvision.
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": vision.image_size},
+        crop_size={"height": vision.image_size, "width": vision.image_size},
+    )
+    # CLIP's vision embeddings prepend a CLS token. With vision_feature_select_strategy
+    # "full" the model keeps it, so each image fills (32/8)**2 + 1 = 17 <image> slots;
+    # with "default" the processor itself subtracts the CLS again.
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_byte_tokenizer(),
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=model_config.vision_feature_select_strategy,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
+
+
+def _align_special_ids(model, tokenizer) -> None:
+    """Point the config's bos/eos/pad ids at the byte tokenizer the preset is saved with.
+
+    Some preset configs keep their family's hub ids (GPT-2 50256, Qwen 151643), which lie
+    outside the 384-token vocabulary.
+    """
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    configs = {id(c): c for c in (model.config, model.config.get_text_config(), getattr(model, "generation_config", None)) if c is not None}
+    for config in configs.values():
+        for key, value in ids.items():
+            setattr(config, key, value)
+
+
+def materialize_preset(name: str, root: str | Path) -> Path:
+    """Returns ``root/name``: the preset model saved with ``save_pretrained`` plus its tokenizer or processor.
+
+    ``tiny-llava`` gets a full ``LlavaProcessor`` (CLIP image processor + byte tokenizer).
+    ``tiny-qwen2-vl`` and ``tiny-idefics3`` get the model and the byte tokenizer only: their
+    processors (dynamic resolution, image splitting, a torchvision video processor) are
+    not built here, so image-text data for them needs a processor from elsewhere.
+
+    Idempotent and safe under concurrency: the folder is built in a temporary sibling
+    and renamed into place, so a reader sees either nothing or a complete folder.
+    """
+    if name not in presets.PRESETS:
+        raise KeyError(f"unknown preset {name!r}; built-in presets: {', '.join(presets.PRESETS)}")
+    root = Path(root)
+    target = root / name
+    if (target / _COMPLETE).exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        model = presets.build_preset(name, seed=MATERIALIZE_SEED)
+        _align_special_ids(model, build_byte_tokenizer())
+        model.save_pretrained(tmp)
+        if name == "tiny-llava":
+            _tiny_llava_processor(model.config).save_pretrained(tmp)
+        else:
+            build_byte_tokenizer().save_pretrained(tmp)
+        (tmp / _COMPLETE).write_text(name + "\n")
+        if target.exists() and not (target / _COMPLETE).exists():
+            # Not written by us (our folders appear whole, marker included): never delete it.
+            raise ModelLoadError(f"preset `{name}`: {target} exists but is not a materialized preset; "
+                                 "move it away or use another cache folder.")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another worker renamed its copy first; theirs is equally good.
+            if not (target / _COMPLETE).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(spec: str, cache_root: str | Path | None = None) -> str:
+    """Returns a path or name for ``from_pretrained``.
+
+    A preset name → its materialized folder ``cache_root/<name>`` (default: ``models/`` under the
+    project's one cache root, ``pipelines.config.paths.cache_root``); an existing
+    local folder → itself; anything else → returned unchanged as a hub name (loading
+    it fails with a clear message when the hub cannot be reached).
+    """
+    if spec in presets.PRESETS:
+        root = Path(cache_root) if cache_root is not None else paths.cache_root() / "models"
+        return str(materialize_preset(spec, root))
+    if os.path.isdir(spec):
+        return spec
+    if os.path.sep in spec and (spec.startswith((".", os.path.sep, "~")) or spec.count("/") > 1):
+        # Looks like a path, not "org/name": say so instead of asking the hub.
+        raise ModelLoadError(f"model `{spec}`: no such folder (looked at {os.path.abspath(os.path.expanduser(spec))}); "
+                             f"give a folder saved with save_pretrained, or use a built-in preset: "
+                             f"{', '.join(presets.PRESETS)}.")
+    return spec
+
+
+def _hub_error(spec: str, err: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"model `{spec}`: not a built-in preset ({', '.join(presets.PRESETS)}), not a local folder, "
+        f"and the hub cannot be reached or has no such model ({type(err).__name__}: {err}). "
+        "Use a preset, a folder saved with save_pretrained, or download the model on a machine with access."
+    )
+
+
+def _from_pretrained(loader, path: str, **kw):
+    try:
+        return loader.from_pretrained(path, **kw)
+    except OSError as err:
+        if os.path.isdir(path):
+            raise
+        raise _hub_error(path, err) from err
+
+
+# ---------------------------------------------------------------- loading
+def is_vlm_config(config) -> bool:
+    """True when the config describes a vision-language model (it has a ``vision_config``)."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def _model_class(config):
+    import transformers as tf
+
+    if is_vlm_config(config):
+        return tf.AutoModelForImageTextToText
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return tf.AutoModelForSequenceClassification
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return tf.AutoModelForCausalLM
+    # No saved architecture: decoder-only configs have a causal-LM class; encoder-only
+    # ones (BERT-like, with token types) are used as sequence classifiers.
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not hasattr(config, "type_vocab_size"):
+        return tf.AutoModelForCausalLM
+    return tf.AutoModelForSequenceClassification
+
+
+def load_model(path: str, trust_remote_code: bool = False, dtype=None):
+    """Returns the model at ``path`` (folder or hub name) as the matching Auto class.
+
+    VLM configs → ``AutoModelForImageTextToText``, causal LMs → ``AutoModelForCausalLM``,
+    BERT-like classifiers → ``AutoModelForSequenceClassification``.
+    """
+    from transformers import AutoConfig
+
+    if trust_remote_code:
+        log.warning("model `%s`: trust_remote_code=True runs Python code shipped with the model; "
+                    "only use it for sources you trust.", path)
+    config = _from_pretrained(AutoConfig, path, trust_remote_code=trust_remote_code)
+    cls = _model_class(config)
+    kw = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    return _from_pretrained(cls, path, config=config, **kw)
+
+
+def load_processor(path: str, trust_remote_code: bool = False):
+    """Returns ``AutoProcessor`` for a VLM, ``AutoTokenizer`` for a text model.
+
+    A VLM folder that holds only a tokenizer (``tiny-qwen2-vl``, ``tiny-idefics3``) falls
+    back to its tokenizer, with a warning: such a model can then train on text only.
+    """
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    config = _from_pretrained(AutoConfig, path, trust_remote_code=trust_remote_code)
+    if not is_vlm_config(config):
+        return _from_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
+    if os.path.isdir(path) and not _has_processor_files(Path(path)):
+        log.warning("model `%s`: no image processor saved in the folder; loading its tokenizer only.", path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return _from_pretrained(AutoProcessor, path, trust_remote_code=trust_remote_code)
+
+
+def _has_processor_files(folder: Path) -> bool:
+    return any((folder / f).exists() for f in ("processor_config.json", "preprocessor_config.json"))

@@ -1,0 +1,203 @@
+"""The per-worker fine-tuning loop: one file, read top to bottom.
+
+Runs inside a Ray Train worker (``pipelines.training.worker``) or in-process
+(``run_loop`` with ``world_size=1``). Every strategy goes through the same
+loop; the plan from ``strategies`` decides what trains and at which LR.
+
+Phases: set-up (seed, model, plan, data, optimizer, schedule, resume) →
+per epoch (thaw, DDP wrap, one ``step.train_step`` per accumulation window,
+eval, report + checkpoint) → final model. No Ray and no MLflow here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from pipelines.config.run import RunConfig
+from pipelines.data.dataset import collate, load_datasets, shard
+from pipelines.models.loading import load_model, load_processor
+from pipelines.training import checkpoints
+from pipelines.training.step import forward_loss, labelled_tokens, train_step
+from strategies.plan import Plan, build_plan
+from strategies.schedules import build_scheduler
+
+log = logging.getLogger("freezetune.loop")
+
+# A report: (metrics, checkpoint directory or None). Ray's report in a worker, a list append in tests.
+ReportFn = Callable[[dict, "str | None"], None]
+
+
+@dataclass
+class WorkerEnv:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    resume_dir: str | None = None  # a checkpoint directory to resume from
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def windows(batches: list[dict], accum: int) -> list[list[dict]]:
+    """Accumulation windows; the last one may be shorter and still steps."""
+    return [batches[i : i + accum] for i in range(0, len(batches), accum)]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _all_reduce_sum(values: list[float], env: WorkerEnv) -> list[float]:
+    if env.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _batches(dataset, batch_size: int, pad_id: int, epoch_seed: int | None) -> list[dict]:
+    order = list(range(len(dataset)))
+    if epoch_seed is not None:
+        random.Random(epoch_seed).shuffle(order)
+    return [collate([dataset[i] for i in order[j : j + batch_size]], pad_id) for j in range(0, len(order), batch_size)]
+
+
+def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
+             on_setup: Callable[[Plan, torch.optim.Optimizer], None] | None = None) -> None:
+    """Train as ``cfg`` says; ``on_setup(plan, optimizer)`` lets tests and benchmarks look inside."""
+    t = cfg.train
+    seed_everything(cfg.seed)
+
+    # --- set-up: model, plan, data -------------------------------------------
+    model = load_model(model_path, trust_remote_code=cfg.trust_remote_code)
+    processor = load_processor(model_path, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    plan: Plan = build_plan(model, cfg.strategy)
+    model = plan.model.to(env.device)
+    train_set, eval_set = load_datasets(cfg.data, processor, seed=cfg.seed)
+    train_shard = shard(train_set, env.rank, env.world_size)
+    eval_shard = shard(eval_set, env.rank, env.world_size)
+
+    steps_per_epoch = math.ceil(math.ceil(len(train_shard) / t.batch_size) / t.grad_accum)
+    total_steps = steps_per_epoch * t.epochs
+    optimizer = torch.optim.AdamW(plan.param_groups(), betas=tuple(t.adam_betas), eps=t.adam_eps)
+    scheduler = build_scheduler(optimizer, total_steps, t.schedule)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
+    # VLMs read vision features from a chosen layer (LLaVA: -2), so trained vision blocks/norms above it get no
+    # gradient: DDP must look for unused parameters then, and only then (it costs a graph traversal per step).
+    trains_vision = any(plan.parts.part_of(n) == "vision" for n in plan.ever_trainable_names)
+    find_unused = t.find_unused_parameters if t.find_unused_parameters is not None else trains_vision
+
+    start_epoch, step = 1, 0
+    if env.resume_dir:
+        state = checkpoints.load(env.resume_dir, model, optimizer, scheduler, scaler)
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        log.info("rank %d: resumed from %s at epoch %d (optimizer step %d)", env.rank, env.resume_dir, start_epoch, step)
+
+        if start_epoch > t.epochs:
+            # the run had finished before it was interrupted: say so again, so Tune gets the final result
+            report(state["metrics"], env.resume_dir if env.rank == 0 else None)
+            return
+    if on_setup is not None:
+        on_setup(plan, optimizer)
+
+    ddp_model, wrapped_for = None, None
+    for epoch in range(start_epoch, t.epochs + 1):
+        # --- thaw for this epoch; DDP registers its hooks on the trainable set, so re-wrap when it changes
+        plan.apply(epoch)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        trainable_ids = frozenset(id(p) for p in trainable)
+        if env.world_size > 1 and trainable_ids != wrapped_for:
+            ddp_model = DistributedDataParallel(model, find_unused_parameters=find_unused,
+                                                device_ids=[env.device.index] if env.device.type == "cuda" else None)
+            wrapped_for = trainable_ids
+        net = ddp_model if env.world_size > 1 else model
+
+        # --- train ------------------------------------------------------------
+        model.train()
+        started = time.perf_counter()
+        batches = _batches(train_shard, t.batch_size, pad_id, epoch_seed=cfg.seed * 1000 + epoch)
+        loss_sum = tokens = seen_tokens = 0.0
+        skipped = 0
+        for window in windows(batches, t.grad_accum):
+            try:
+                done = train_step(net, window, optimizer, trainable=trainable, device=env.device,
+                                  precision=t.precision, max_grad_norm=t.max_grad_norm, scheduler=scheduler,
+                                  scaler=scaler)
+            except FloatingPointError as err:
+                raise FloatingPointError(
+                    f"epoch {epoch}, optimizer step {step}: {err}; lower the learning rate "
+                    f"(strategy.lr = {cfg.strategy.lr}) or check the data. Training stopped.") from None
+            loss_sum += done.loss_sum
+            tokens += done.loss_tokens
+            seen_tokens += done.input_tokens
+            skipped += done.skipped
+            step += 1
+        seconds = time.perf_counter() - started
+        loss_sum, tokens, seen_tokens = _all_reduce_sum([loss_sum, tokens, seen_tokens], env)
+        train_loss = loss_sum / max(tokens, 1)
+
+        # --- eval ---------------------------------------------------------------
+        eval_loss = evaluate(model, eval_shard, t.batch_size, pad_id, t.precision, env, t.eval_max_batches)
+
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "eval_loss": eval_loss,
+            "trainable_params": sum(p.numel() for p in trainable),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "tokens_per_s": seen_tokens / seconds if seconds > 0 else 0.0,
+            "epoch_seconds": seconds,
+            "peak_memory_mb": peak_memory_mb(env.device),
+            "optimizer_steps": step,
+        }
+        if scaler.is_enabled():
+            metrics["amp_skipped_steps"] = skipped
+            if skipped:
+                log.warning("epoch %d: the fp16 GradScaler skipped %d of %d steps (inf/nan gradients)",
+                            epoch, skipped, steps_per_epoch)
+        for group in optimizer.param_groups:
+            metrics[f"lr/{group['name']}"] = group["lr"]
+
+        # --- checkpoint (rank 0 writes, every rank reports: report is a barrier)
+        final = epoch == t.epochs
+        with tempfile.TemporaryDirectory(prefix="freezetune-ckpt-") as tmp:
+            ckpt_dir = None
+            if env.rank == 0:
+                checkpoints.save(tmp, plan, optimizer, scheduler, scaler, epoch=epoch, step=step, metrics=metrics)
+                if final and t.save != "none":
+                    checkpoints.save_final_model(Path(tmp) / "final_model", plan, processor, merged=t.save == "merged")
+                ckpt_dir = tmp
+            report(metrics, ckpt_dir)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size: int, pad_id: int, precision: str, env: WorkerEnv,
+             max_batches: int | None = None) -> float:
+    """Mean next-token loss over labelled eval tokens, across all workers."""
+    model.eval()
+    loss_sum = tokens = 0.0
+    for i, batch in enumerate(_batches(dataset, batch_size, pad_id, epoch_seed=None)):
+        if max_batches is not None and i >= max_batches:
+            break
+        loss_sum += float(forward_loss(model, batch, precision, env.device))
+        tokens += labelled_tokens(batch)
+    loss_sum, tokens = _all_reduce_sum([loss_sum, tokens], env)
+    return loss_sum / max(tokens, 1)
