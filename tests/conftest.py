@@ -12,6 +12,13 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(items):
+    """Whatever starts the shared Ray instance is an integration test: marked slow wherever it lives."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("freezetune")
@@ -19,7 +26,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_files(workdir) -> dict:
-    from pipelines.demo_data import make_demo_data
+    from pipelines.demo.shapes import make_demo_data
 
     return make_demo_data(workdir / "data", n_train=64, n_eval=16, seed=0, task="finetune")
 
@@ -27,7 +34,7 @@ def demo_files(workdir) -> dict:
 @pytest.fixture(scope="session")
 def model_dirs(workdir) -> dict:
     """tiny-llama and tiny-llava saved with save_pretrained: the tests load them through from_pretrained."""
-    from pipelines.models import materialize_preset
+    from pipelines.models.loading import materialize_preset
 
     return {name: str(materialize_preset(name, workdir / "models")) for name in ("tiny-llama", "tiny-llava")}
 
@@ -37,7 +44,7 @@ def ray_session():
     """One local Ray instance for every test that needs one (ray.init costs ~10 s here)."""
     import ray
 
-    from pipelines.ray_env import connect
+    from pipelines.jobs.ray_env import connect
 
     connect(num_cpus=2)
     yield ray
@@ -49,7 +56,7 @@ def demo_root(workdir):
     """The demo's generated data and pre-trained base (the real pre-training), built once per session."""
     root = workdir / "demo"
     os.environ["FREEZETUNE_DEMO_ROOT"] = str(root)
-    from pipelines.demo import resolve_demo_uri
+    from pipelines.demo.artifacts import resolve_demo_uri
 
     resolve_demo_uri("demo:base")
     return root

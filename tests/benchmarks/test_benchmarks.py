@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # real Ray, servers or subprocesses
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # every benchmark, and the figures the issue asks for (each must be there, with its target)
 REQUIRED = {

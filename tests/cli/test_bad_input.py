@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.cli import main
+from pipelines.cli.main import main
 
 FAST_S = 10.0  # bad input caught before Ray
 RAY_S = 30.0  # bad input caught at the Ray connect / capacity check
@@ -126,7 +126,7 @@ def assert_no_mlflow_run(tmp_path: Path) -> None:
 @pytest.fixture
 def no_ray(monkeypatch):
     """Bad input must be refused before Ray is even contacted."""
-    from pipelines import ray_env
+    from pipelines.jobs import ray_env
 
     def forbidden(*args, **kwargs):
         raise AssertionError("ray_env.connect was called: the bad input was not caught before Ray starts")
@@ -170,7 +170,7 @@ def test_unknown_strategy_name_suggests_one(tmp_path, demo_files, model_dirs, ca
     cfg = text_config(tmp_path, demo_files, model_dirs, strategy={"name": "progresive"})
     message = train_fails(tmp_path, cfg, capsys)
     assert "strategy.name" in message and "'progresive'" in message, message
-    assert "Did you mean `progressive`" in message, message
+    assert "did you mean `progressive`" in message, message
 
 
 @pytest.mark.parametrize("lr", [0, -1.0e-4])

@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from pipelines import tracking
+
+pytestmark = pytest.mark.slow  # real Ray, servers or subprocesses
 
 
 def test_demo_command_runs_and_says_where_to_look(demo_root):

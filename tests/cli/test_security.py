@@ -16,16 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import checkpoints, tracking
+from pipelines.training import checkpoints
+from pipelines import tracking
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 # --- trust_remote_code -------------------------------------------------------------------
 
 def test_trust_remote_code_is_off_by_default(demo_files):
-    from pipelines.cli import build_parser
-    from pipelines.config import RunConfig, run_config_from_dict
+    from pipelines.cli.main import build_parser
+    from pipelines.config.run import RunConfig, run_config_from_dict
 
     assert RunConfig().trust_remote_code is False
     cfg = run_config_from_dict({"model": "tiny-llama", "data": {"train": str(demo_files["text_train"])}})
@@ -58,9 +59,9 @@ def from_pretrained_calls(monkeypatch):
 
 @pytest.mark.parametrize("trust", [False, True])
 def test_loaders_pass_trust_remote_code_through(model_dirs, demo_files, from_pretrained_calls, trust):
-    from pipelines.config import run_config_from_dict
-    from pipelines.models import load_model, load_processor
-    from pipelines.train import skeleton_plan
+    from pipelines.config.run import run_config_from_dict
+    from pipelines.models.loading import load_model, load_processor
+    from pipelines.jobs.sources import skeleton_plan
 
     for name in ("tiny-llama", "tiny-llava"):
         load_model(model_dirs[name], trust_remote_code=trust)
@@ -76,7 +77,7 @@ def test_loaders_pass_trust_remote_code_through(model_dirs, demo_files, from_pre
 
 
 def test_trust_remote_code_true_logs_a_warning(model_dirs, caplog):
-    from pipelines.models import load_model
+    from pipelines.models.loading import load_model
 
     with caplog.at_level(logging.WARNING):
         load_model(model_dirs["tiny-llama"], trust_remote_code=True)
@@ -93,8 +94,8 @@ def test_trust_remote_code_true_logs_a_warning(model_dirs, caplog):
 def test_train_driver_warns_before_loading_with_trust_remote_code(tmp_path, model_dirs, demo_files, caplog):
     """`freezetune train` with trust_remote_code: true loads config and tokenizer on the driver (prepare) with
     trust_remote_code=True: the user must be warned there, before that code can run, not only in worker logs."""
-    from pipelines.config import run_config_from_dict
-    from pipelines.train import prepare
+    from pipelines.config.run import run_config_from_dict
+    from pipelines.jobs.preflight import prepare
 
     cfg = run_config_from_dict({
         "model": model_dirs["tiny-llama"], "trust_remote_code": True, "cache_dir": str(tmp_path / "cache"),
@@ -120,7 +121,7 @@ class MakeMarker:
 
 
 def _training_objects(model_dir: str):
-    from pipelines.models import load_model
+    from pipelines.models.loading import load_model
     from strategies import ScheduleConfig, build_plan, build_scheduler
 
     torch.manual_seed(0)
@@ -268,7 +269,7 @@ def test_secrets_never_reach_mlflow_params_or_tags(tmp_path):
 
 
 def test_cli_printed_json_redacts_url_passwords():
-    from pipelines.cli import _redacted_json
+    from pipelines.cli.options import redacted_json as _redacted_json
 
     out = _redacted_json({"run_id": "abc", "tracking_uri": URLS["mlflow.tracking_uri"][0],
                           "checkpoint": "s3://bob:SECRETs3pass@bucket/ckpt"})
@@ -278,7 +279,7 @@ def test_cli_printed_json_redacts_url_passwords():
 
 
 def test_cli_printed_json_redacts_secret_keys():
-    from pipelines.cli import _redacted_json
+    from pipelines.cli.options import redacted_json as _redacted_json
 
     out = _redacted_json({"run_id": "abc", **SECRETS, "nested": {"hf_token": "hf_SECRETnested"}})
     assert not [s for s in _secret_values() + ["hf_SECRETnested"] if s in out], out
@@ -289,7 +290,7 @@ def test_cli_error_does_not_print_the_tracking_password(tmp_path, demo_files, mo
     """An unreachable MLflow server with credentials in its URL: the error names the server, not the password."""
     import yaml
 
-    from pipelines.cli import main
+    from pipelines.cli.main import main
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

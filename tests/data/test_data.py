@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import data as data_mod
-from pipelines.data import (
-    IGNORE_INDEX, DataConfig, DataError, cache_path, collate, count_tokens, load_datasets, pad_token_id, shard,
-)
-from pipelines.demo_data import make_demo_data
-from pipelines.models import load_model, load_processor
-from pipelines.tokenizer import build_byte_tokenizer
+from pipelines.data import dataset as data_mod
+from pipelines.data.dataset import IGNORE_INDEX, cache_path, collate, count_tokens, load_datasets, pad_token_id, shard
+from pipelines.config.data import DataConfig, DataError
+from pipelines.demo.shapes import make_demo_data
+from pipelines.models.loading import load_model, load_processor
+from pipelines.models.tokenizer import build_byte_tokenizer
 
 
 def write_jsonl(path: Path, records: list) -> str:

@@ -14,6 +14,8 @@ import yaml
 
 from pipelines import tracking
 
+pytestmark = pytest.mark.slow  # real Ray, servers or subprocesses
+
 TOP_K = 3
 
 
@@ -32,7 +34,8 @@ def analysis_config(root: Path, data: dict, model_dir: str, **extra) -> dict:
 @pytest.fixture(scope="module")
 def analysis_run(ray_session, tmp_path_factory, demo_files, model_dirs):
     """One `freezetune analyze` through its CLI entry point: tiny LLaVA, 2 eval batches, a Ray task."""
-    from pipelines.analyze import add_arguments, main
+    from pipelines.cli.analyze import add_arguments
+    from pipelines.cli.analyze import run as main
 
     root = tmp_path_factory.mktemp("analyze")
     config = analysis_config(root, demo_files, model_dirs["tiny-llava"],
@@ -81,10 +84,10 @@ def test_the_run_holds_table_metrics_plot_and_ranking(analysis_run):
 def test_importance_top_k_from_the_run_trains_exactly_the_top_k_blocks(analysis_run, model_dirs):
     import torch
 
-    from pipelines.analyze import apply_importance, resolve_importance
-    from pipelines.config import run_config_from_dict
-    from pipelines.loop import WorkerEnv, run_loop
-    from pipelines.models import load_model
+    from pipelines.config.run import run_config_from_dict
+    from pipelines.jobs.importance import apply_importance, resolve_importance
+    from pipelines.models.loading import load_model
+    from pipelines.training.loop import WorkerEnv, run_loop
 
     uri, run_id = analysis_run["uri"], analysis_run["run"].info.run_id
     scores = resolve_importance(run_id, "ablation", tracking_uri=uri)
@@ -114,9 +117,9 @@ def test_before_and_after_fine_tuning_in_a_trial(analysis_run, model_dirs, tmp_p
     """The sweep hook: measure before and after fine-tuning as Ray tasks, then one writer logs both."""
     import torch
 
-    from pipelines.analyze import log_trial_importance, trial_importance
-    from pipelines.config import run_config_from_dict
-    from pipelines.loop import WorkerEnv, run_loop
+    from pipelines.config.run import run_config_from_dict
+    from pipelines.jobs.importance import log_trial_importance, trial_importance
+    from pipelines.training.loop import WorkerEnv, run_loop
 
     uri = analysis_run["uri"]
     cfg = run_config_from_dict({**analysis_run["config"], "strategy": {"name": "full", "lr": 3e-3},
@@ -152,11 +155,12 @@ def test_a_lora_run_is_analysed_merged(demo_files, model_dirs, tmp_path):
     """An MLflow run id → its final model; LoRA weights get their adapters back and are merged."""
     import torch
 
-    from pipelines.analyze import load_analysis_model, resolve_weights
-    from pipelines.config import run_config_from_dict
-    from pipelines.importance import AnalysisSettings
-    from pipelines.loop import WorkerEnv, run_loop
-    from pipelines.models import load_model
+    from pipelines.config.analysis import AnalysisSettings
+    from pipelines.config.run import run_config_from_dict
+    from pipelines.jobs.analyze import resolve_weights
+    from pipelines.models.loading import load_model
+    from pipelines.training.analysis import load_analysis_model
+    from pipelines.training.loop import WorkerEnv, run_loop
 
     config = analysis_config(tmp_path, demo_files, model_dirs["tiny-llava"],
                              strategy={"name": "connector_llm_lora", "lr": 1e-2, "lora_r": 4, "lora_alpha": 8})
@@ -187,9 +191,9 @@ def test_ranking_sources_auto_json_and_errors(demo_files, model_dirs, tmp_path):
     """`auto` is measured once and cached on disk; a ranking file works; a bad source names the field."""
     import torch
 
-    from pipelines.analyze import resolve_importance
-    from pipelines.config import run_config_from_dict
-    from pipelines.importance import ImportanceError
+    from pipelines.config.analysis import ImportanceError
+    from pipelines.config.run import run_config_from_dict
+    from pipelines.jobs.importance import resolve_importance
 
     config = analysis_config(tmp_path, {"train": demo_files["text_train"], "eval": demo_files["text_eval"]},
                              model_dirs["tiny-llama"])

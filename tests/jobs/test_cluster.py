@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from local_cluster import RAY, LocalRayCluster, MlflowServer
 
 from pipelines import tracking
 
-from local_cluster import RAY, LocalRayCluster, MlflowServer
+pytestmark = pytest.mark.slow  # real Ray, servers or subprocesses
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_cluster_yaml_passes_rays_own_validation():

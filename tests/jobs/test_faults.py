@@ -12,11 +12,12 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from local_cluster import MlflowServer
 
 from pipelines import tracking
-from pipelines.config import run_config_from_dict
+from pipelines.config.run import run_config_from_dict
 
-from local_cluster import MlflowServer
+pytestmark = pytest.mark.slow  # real Ray, servers or subprocesses
 
 
 def _config(root: Path, data: dict, model: str, **train) -> dict:
@@ -45,7 +46,7 @@ def _train_workers() -> list[psutil.Process]:
 
 
 def test_worker_sigkilled_mid_epoch_resumes_from_checkpoint(ray_session, tmp_path, demo_files, model_dirs):
-    from pipelines.train import run_training
+    from pipelines.jobs.train import run_training
 
     cfg = run_config_from_dict(_config(tmp_path, demo_files, model_dirs["tiny-llava"]))
     killed = []
@@ -78,7 +79,7 @@ def test_worker_sigkilled_mid_epoch_resumes_from_checkpoint(ray_session, tmp_pat
 
 
 def test_nan_loss_stops_the_run_with_a_clear_reason(ray_session, tmp_path, demo_files, model_dirs):
-    from pipelines.train import run_training
+    from pipelines.jobs.train import run_training
 
     data = _config(tmp_path, demo_files, model_dirs["tiny-llava"], epochs=2)
     data["strategy"] = {"name": "full", "lr": 1e6}  # diverges to inf/nan within the first epoch
@@ -95,7 +96,7 @@ def test_nan_loss_stops_the_run_with_a_clear_reason(ray_session, tmp_path, demo_
 
 
 def test_nan_loss_in_the_loop_is_never_silent(tmp_path, demo_files, model_dirs):
-    from pipelines.loop import WorkerEnv, run_loop
+    from pipelines.training.loop import WorkerEnv, run_loop
 
     data = _config(tmp_path, demo_files, model_dirs["tiny-llava"], epochs=1)
     data["strategy"] = {"name": "full", "lr": 1e6}
@@ -109,7 +110,7 @@ def test_nan_loss_in_the_loop_is_never_silent(tmp_path, demo_files, model_dirs):
 
 def test_mlflow_server_gone_mid_sweep_loses_nothing(ray_session, tmp_path, demo_files, model_dirs):
     """The server is killed while trials run and comes back later: every epoch of every trial is in MLflow."""
-    from pipelines.sweep import run_sweep
+    from pipelines.jobs.sweep import run_sweep
 
     server = MlflowServer(tmp_path / "mlflow").start()
     space = {

@@ -16,7 +16,9 @@ from pipelines import tracking
 from strategies import get_strategy, settings_used
 from tune_spaces import parse_spec, sample_configs
 
-SPACES = Path(__file__).resolve().parent.parent / "tune_spaces"
+pytestmark = pytest.mark.slow  # real Ray, servers or subprocesses
+
+SPACES = Path(__file__).resolve().parents[2] / "tune_spaces"
 
 
 def children_of(uri: str, parent_id: str):
@@ -26,7 +28,7 @@ def children_of(uri: str, parent_id: str):
 
 
 def test_demo_sweep_one_parent_one_child_per_trial(ray_session, demo_root, workdir):
-    from pipelines.sweep import run_sweep
+    from pipelines.jobs.sweep import run_sweep
 
     uri = f"sqlite:///{workdir / 'sweep-demo.db'}"
     started = time.time()
@@ -86,7 +88,7 @@ def _space(workdir: Path, demo_files: dict, model_dir: str, tag: str, **sweep) -
 
 
 def test_asha_stops_a_trial_with_an_absurd_lr(ray_session, workdir, demo_files, model_dirs):
-    from pipelines.sweep import run_sweep
+    from pipelines.jobs.sweep import run_sweep
 
     space = _space(workdir, demo_files, model_dirs["tiny-llava"], "asha",
                    scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})

@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 from pipelines import tracking
-from pipelines.config import run_config_from_dict
+from pipelines.config.run import run_config_from_dict
+
+pytestmark = pytest.mark.slow  # real Ray, servers or subprocesses
 
 
 def vlm_config(root: Path, data: dict, model_dir: str, strategy: dict, epochs: int = 3, **extra) -> dict:
@@ -34,7 +36,7 @@ def vlm_config(root: Path, data: dict, model_dir: str, strategy: dict, epochs: i
     {"name": "connector_llm_lora", "lr": 5e-3, "lora_r": 8, "lora_alpha": 16},
 ])
 def test_two_worker_run_learns_and_is_logged(ray_session, workdir, demo_files, model_dirs, strategy):
-    from pipelines.train import run_training
+    from pipelines.jobs.train import run_training
 
     root = workdir / f"run-{strategy['name']}"
     cfg = run_config_from_dict(vlm_config(root, demo_files, model_dirs["tiny-llava"], strategy))
@@ -67,8 +69,8 @@ def test_frozen_vision_encoder_identical_after_ray_training(ray_session, workdir
     """Strategy A trains the connector only: the saved trainable weights are exactly the connector's."""
     from safetensors.torch import load_file
 
-    from pipelines.models import load_model
-    from pipelines.train import run_training
+    from pipelines.jobs.train import run_training
+    from pipelines.models.loading import load_model
 
     root = workdir / "run-connector"
     cfg = run_config_from_dict(vlm_config(root, demo_files, model_dirs["tiny-llava"],

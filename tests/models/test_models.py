@@ -11,11 +11,9 @@ import torch
 import transformers as tf
 from PIL import Image
 
-from pipelines import presets
-from pipelines.models import (
-    ModelLoadError, is_vlm_config, load_model, load_processor, materialize_preset, resolve_model_path,
-)
-from pipelines.tokenizer import IMAGE_TOKEN, build_byte_tokenizer
+from pipelines.models import presets
+from pipelines.models.loading import ModelLoadError, is_vlm_config, load_model, load_processor, materialize_preset, resolve_model_path
+from pipelines.models.tokenizer import IMAGE_TOKEN, build_byte_tokenizer
 
 
 # ---------------------------------------------------------------- tokenizer

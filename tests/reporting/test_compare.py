@@ -1,7 +1,7 @@
 """`freezetune compare` against a real `mlflow server` on 127.0.0.1.
 
 The sweep's runs are written through ``pipelines.tracking`` with the tags, params and per-epoch
-metrics that ``pipelines.sweep`` / ``SweepMlflowCallback`` write: a parent run (kind=sweep) and
+metrics that ``pipelines.jobs.sweep`` / ``SweepMlflowCallback`` write: a parent run (kind=sweep) and
 one child per trial, including a failed, a stopped-early and a still-running trial, and one
 configuration under three seeds whose spread is larger than its lead over the runner-up.
 """
@@ -21,10 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import compare, tracking
-from pipelines.sweep import SWEEP_KEY_TAG, TRIAL_KEY_TAG
+from pipelines import tracking
+from pipelines.cli import compare as compare_cli
+from pipelines.jobs.sweep_plan import SWEEP_KEY_TAG, TRIAL_KEY_TAG
+from pipelines.reporting.compare_plots import importance_series
+from pipelines.reporting.mlflow_reader import collect
 
 from local_cluster import free_port
+
+pytestmark = pytest.mark.slow  # a real `mlflow server` subprocess
 
 EXPERIMENT = "compare-test"
 MODEL = "tiny-llava"
@@ -77,7 +82,7 @@ def mlflow_server(tmp_path_factory):
         log.close()
 
 
-# --- a sweep written the way pipelines.sweep writes it ------------------------------------------
+# --- a sweep written the way pipelines.jobs.sweep writes it ------------------------------------------
 
 def _parent(uri: str, name: str) -> str:
     run_id = tracking.start_run(uri, EXPERIMENT, name, tags={SWEEP_KEY_TAG: f"/runs/{name}", "kind": "sweep"})
@@ -103,7 +108,7 @@ def _trial(uri: str, parent: str, sweep: str, trial_id: str, strategy: str, samp
         metrics.update({f"lr/{k.split('.')[1].replace('_lr', '')}": v for k, v in sampled.items() if k.endswith("lr")})
         tracking.log_metrics(uri, run_id, metrics, step=epoch)
         tracking.set_tags(uri, run_id, {"node_ip": "127.0.0.1"})
-    for phase, measures in (importance or {}).items():  # pipelines.analyze.log_trial_importance's names
+    for phase, measures in (importance or {}).items():  # pipelines.jobs.importance.log_trial_importance's names
         for measure, scores in measures.items():
             tracking.log_metrics(uri, run_id, {f"importance_{phase}/{measure}/{u}": s for u, s in scores.items()},
                                  step=0)
@@ -166,7 +171,7 @@ def sweeps(mlflow_server) -> dict:
     ids["d1"] = _trial(uri, b, "sweep-b", "t_d1", "vision_frozen_llm_full", d, 1, [1.3, 1.12, 1.07], "finished",
                        800_000)
     tracking.end_run(uri, b, "FINISHED")
-    # a `freezetune analyze` run of t_d0's fine-tuned model (pipelines.analyze: kind=analysis, importance/...)
+    # a `freezetune analyze` run of t_d0's fine-tuned model (pipelines.jobs.analyze: kind=analysis, importance/...)
     an = tracking.start_run(uri, EXPERIMENT, "importance-tiny-llava-0a1b2c3d",
                             tags={"kind": "analysis", "model": MODEL, "analysed": "run t_d0",
                                   "source_run_id": ids["d0"]})
@@ -175,7 +180,7 @@ def sweeps(mlflow_server) -> dict:
     tracking.end_run(uri, an, "FINISHED")
     ids["analysis"] = an
 
-    # a plain training run in the same experiment (pipelines.train tags: strategy, trainable_share, ...)
+    # a plain training run in the same experiment (pipelines.jobs.train tags: strategy, trainable_share, ...)
     plain = tracking.start_run(uri, EXPERIMENT, "tiny-llava-connector_only-1234abcd")
     tracking.log_params(uri, plain, {"model": MODEL, "seed": 0, "strategy.name": "connector_only",
                                      "strategy.connector_lr": 1e-3, "train.epochs": EPOCHS})
@@ -191,8 +196,8 @@ def sweeps(mlflow_server) -> dict:
 
 def _main(uri: str, *argv: str, capsys) -> str:
     parser = argparse.ArgumentParser()
-    compare.add_arguments(parser)
-    assert compare.main(parser.parse_args(["--tracking-uri", uri, *argv])) == 0
+    compare_cli.add_arguments(parser)
+    assert compare_cli.run(parser.parse_args(["--tracking-uri", uri, *argv])) == 0
     return capsys.readouterr().out
 
 
@@ -202,7 +207,7 @@ def test_one_sweep_ranked_grouped_and_reported(sweeps, tmp_path, capsys):
     uri, out = sweeps["uri"], tmp_path / "report"
     text = _main(uri, "--run", "sweep-a", "--out", str(out), capsys=capsys)
 
-    cmp = compare.collect(uri, runs=[sweeps["a"]])
+    cmp = collect(uri, runs=[sweeps["a"]])
     order = [t.trial_id for t in cmp.trials]
     # finished by best value, then the stopped-early one (although its value is the lowest), then unranked
     assert order[:7] == ["t_b0", "t_b1", "t_c", "t_b2", "t_e", "t_a1", "t_s"]
@@ -283,10 +288,10 @@ def test_json_and_csv_for_scripts(sweeps, tmp_path, capsys):
     assert data["verdict"]["clear_win"] is False and data["sweeps"][0]["trials"] == 10
     assert data["report"] == {} and data["logged_to"] == []
 
-    # CSV through the module's own entry point, as a script would call it
-    proc = subprocess.run([sys.executable, "-m", "pipelines.compare", "--tracking-uri", uri, "--run", "sweep-a",
+    # CSV through the command line, as a script would call it
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "compare", "--tracking-uri", uri, "--run", "sweep-a",
                            "--format", "csv", "--no-report"], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert [r["trial_id"] for r in rows[:4]] == ["t_b0", "t_b1", "t_c", "t_b2"]
@@ -297,14 +302,14 @@ def test_json_and_csv_for_scripts(sweeps, tmp_path, capsys):
 
 def test_several_sweeps_and_an_experiment(sweeps, tmp_path, capsys):
     uri, out = sweeps["uri"], tmp_path / "exp"
-    two = compare.collect(uri, runs=["sweep-a", sweeps["b"]])
+    two = collect(uri, runs=["sweep-a", sweeps["b"]])
     assert {s["name"] for s in two.sweeps} == {"sweep-a", "sweep-b"} and len(two.trials) == 12
     # D (1.06 ± 0.014 over 2 seeds) leads B (1.10 ± 0.10) by 0.04: within B's spread, no clear win
     assert two.configs[0].strategy == "vision_frozen_llm_full" and two.configs[0].n == 2
     assert two.configs[0].vs_next == "within spread" and two.verdict["clear_win"] is False
 
     text = _main(uri, "--experiment", EXPERIMENT, "--out", str(out), "--no-log", capsys=capsys)
-    exp = compare.collect(uri, experiment=EXPERIMENT)
+    exp = collect(uri, experiment=EXPERIMENT)
     assert len(exp.trials) == 13 and len(exp.sweeps) == 2
     plain = next(t for t in exp.trials if t.run_id == sweeps["plain"])
     assert plain.sweep == "" and plain.outcome == "finished" and plain.trainable_share == pytest.approx(0.005)
@@ -317,8 +322,6 @@ def test_several_sweeps_and_an_experiment(sweeps, tmp_path, capsys):
     d0 = next(t for t in exp.trials if t.trial_id == "t_d0")
     assert d0.importance["before"]["ablation"]["language.block.1"] == pytest.approx(0.35)
     assert set(d0.importance["after"]) == {"ablation", "influence"}  # base_loss and cost/* are not measures
-    from pipelines.compare_plots import importance_series
-
     labels = [label for label, _ in importance_series(exp)]
     assert labels == ["analysis importance-tiny-llava-0a1b2c3d (run t_d0)", "before fine-tuning (1 trial)",
                       "after fine-tuning: vision_frozen_llm_full (1 trial)"]
@@ -329,15 +332,15 @@ def test_several_sweeps_and_an_experiment(sweeps, tmp_path, capsys):
 def test_selection_errors_say_what_to_do(sweeps, capsys):
     uri = sweeps["uri"]
     with pytest.raises(ValueError, match="(?s)choose what to compare.*sweep-b"):
-        compare.collect(uri)
+        collect(uri)
     with pytest.raises(ValueError, match="no run with this id or name"):
-        compare.collect(uri, runs=["no-such-sweep"])
+        collect(uri, runs=["no-such-sweep"])
     with pytest.raises(ValueError, match="(?s)no such experiment.*compare-test"):
-        compare.collect(uri, experiment="nope")
+        collect(uri, experiment="nope")
 
 
 def test_sweep_summary_uses_the_same_ranking(sweeps):
-    from pipelines.sweep import summarize
+    from pipelines.jobs.sweep import summarize
 
     summary = summarize(sweeps["uri"], sweeps["a"])
     assert summary["rows"][0]["trial_id"] == "t_b0" and summary["rows"][0]["outcome"] == "finished"

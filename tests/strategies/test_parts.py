@@ -15,7 +15,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from pipelines.presets import PRESETS, _llama_text, build_preset, tiny_llama
+from pipelines.models.presets import PRESETS, _llama_text, build_preset, tiny_llama
 from strategies import ModelStructureError, PartsOverride, build_plan, find_parts
 
 # --- independent layout of each architecture ------------------------------------------------

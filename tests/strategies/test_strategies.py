@@ -16,7 +16,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from pipelines.presets import PRESETS, build_preset, tiny_llama
+from pipelines.models.presets import PRESETS, build_preset, tiny_llama
 from strategies import STRATEGIES, StrategyConfig, StrategyConfigError, build_plan, get_strategy
 
 # --- independent layout of each architecture (module paths from print(model)) -----------------
@@ -608,7 +608,7 @@ def test_learning_rate_must_be_positive(field, value):
                                         ("topk", "top_k")])
 def test_unknown_strategy_suggests_close_match(typo, close):
     msg = _raises(lambda: StrategyConfig.from_dict({"name": typo}), "name", typo)
-    assert f"Did you mean `{close}`" in msg
+    assert f"did you mean `{close}`" in msg
 
 
 def test_unknown_config_key_suggests_close_match():

@@ -8,8 +8,8 @@ import pytest
 import torch
 import transformers as tf
 
-from pipelines.importance import (MEASURES, AnalysisSettings, ImportanceError, compute_importance, eval_batches,
-                                  loss_sum, skipped)
+from pipelines.config.analysis import MEASURES, AnalysisSettings, ImportanceError
+from pipelines.training.importance import compute_importance, eval_batches, loss_sum, skipped
 
 VOCAB, T = 64, 16
 
@@ -146,9 +146,10 @@ def test_padding_does_not_count():
 
 
 def test_vision_blocks_of_a_vlm_through_the_full_loss(model_dirs, demo_files, workdir, tmp_path):
-    from pipelines.data import DataConfig, load_datasets, pad_token_id
-    from pipelines.importance_plots import importance_figure
-    from pipelines.models import load_model, load_processor
+    from pipelines.config.data import DataConfig
+    from pipelines.data.dataset import load_datasets, pad_token_id
+    from pipelines.reporting.importance_plots import importance_figure
+    from pipelines.models.loading import load_model, load_processor
 
     path = model_dirs["tiny-llava"]
     processor, model = load_processor(path), load_model(path)
@@ -195,7 +196,7 @@ def test_settings_errors_name_the_field():
 
 def test_blocks_that_never_run_are_not_scored(model_dirs):
     """Text-only batches on a VLM: the vision blocks never run, so they get no score (not a fake 0)."""
-    from pipelines.models import load_model
+    from pipelines.models.loading import load_model
 
     model = load_model(model_dirs["tiny-llava"])
     batch = counting_batches(1, seed=0)[0]

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.config import run_config_from_dict
-from pipelines.loop import WorkerEnv, run_loop, token_loss_sum
+from pipelines.config.run import run_config_from_dict
+from pipelines.training.loop import WorkerEnv, run_loop
+from pipelines.training.step import token_loss_sum
 
 
 def make_cfg(tmp: Path, data: dict, strategy: dict, **train) -> object:
@@ -72,7 +73,7 @@ def test_resume_continues_at_next_epoch_with_same_step_count(tmp_path, demo_file
 def test_checkpoint_holds_exactly_the_trained_weights(tmp_path, demo_files, model_dirs):
     from safetensors.torch import load_file
 
-    from pipelines.models import load_model
+    from pipelines.models.loading import load_model
 
     cfg = make_cfg(tmp_path, demo_files, {"name": "top_k", "top_k": 1, "lr": 1e-3}, epochs=1)
     keep = tmp_path / "ckpts"
@@ -130,9 +131,10 @@ def test_progressive_keeps_adam_state_and_schedule_across_thaw(tmp_path, demo_fi
 
 def test_grad_accumulation_matches_one_big_batch(model_dirs, demo_files, tmp_path):
     """4 micro-batches of 2 with loss / window tokens == one batch of 8: same gradients."""
-    from pipelines.data import DataConfig, collate, load_datasets
-    from pipelines.loop import labelled_tokens
-    from pipelines.models import load_model, load_processor
+    from pipelines.config.data import DataConfig
+    from pipelines.data.dataset import collate, load_datasets
+    from pipelines.training.step import labelled_tokens
+    from pipelines.models.loading import load_model, load_processor
 
     proc = load_processor(model_dirs["tiny-llama"])
     cfg = DataConfig(train=str(demo_files["text_train"]), eval=str(demo_files["text_eval"]), max_length=32,

@@ -20,7 +20,7 @@ def deep_qwen2(workdir) -> str:
     """A Qwen2 with Qwen2.5-0.5B's 24 blocks at toy width: top_k up to 8 must fit, as on the real model."""
     import transformers as tf
 
-    from pipelines.tokenizer import build_byte_tokenizer
+    from pipelines.models.tokenizer import build_byte_tokenizer
 
     folder = workdir / "qwen2-24"
     config = tf.Qwen2Config(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=24,
@@ -34,7 +34,7 @@ def deep_qwen2(workdir) -> str:
 def test_every_shipped_space_validates(path, demo_files, model_dirs, deep_qwen2, workdir):
     """Dry-run validation of the whole file; cluster models and data are swapped for tiny local stand-ins
     of the same family (a hub model cannot be downloaded here), everything else is the file's own."""
-    from pipelines.sweep import build_sweep_plan, describe
+    from pipelines.jobs.sweep_plan import build_sweep_plan, describe
 
     spec = load_spec(path)
     vlm = any(d.key == "strategy.name" and "connector_only" in d.values for d in spec.space)
@@ -129,12 +129,12 @@ def test_bad_space_entries_are_refused_with_the_key(entry, message):
 @pytest.mark.parametrize("data, message", [
     ({"base": {}, "space": {}}, "`space:` is empty"),
     ({"space": {"strategy.lr": {"choice": [1]}}}, "`base:`"),
-    ({"base": {}, "space": {"strategy.name": {"choice": ["ful"]}}}, "Did you mean `full`"),
+    ({"base": {}, "space": {"strategy.name": {"choice": ["ful"]}}}, "did you mean `full`"),
     ({"base": {}, "space": {"strategy.lr": {"choice": [1]}}, "sweep": {"num_samles": 3}}, "did you mean `num_samples`"),
     ({"base": {}, "space": {"strategy.lr": {"choice": [1]}}, "sweep": {"search": "optuna", "seeds": 2}}, "search: random"),
     ({"base": {}, "space": {"strategy.lr": {"choice": [1]}}, "sweep": {"scheduler": {"type": "hyperband"}}}, "asha or fifo"),
     ({"base": {}, "space": {"strategy.lr": {"choice": [1], "when": {"strategy.nam": ["full"]}}}}, "neither searched"),
-    ({"base": {}, "space": {"strategy.lr": {"choice": [1]}}, "extra": 1}, "unknown top-level"),
+    ({"base": {}, "space": {"strategy.lr": {"choice": [1]}}, "extra": 1}, "(top level): unknown key `extra`"),
 ])
 def test_bad_sweep_files_are_refused(data, message):
     with pytest.raises(ValueError) as err:
