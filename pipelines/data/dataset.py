@@ -19,14 +19,14 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipelines.config import paths
-from pipelines.config.data import SUFFIXES, DataConfig, DataError
+from pipelines.config.data import DataConfig, DataError
 
 log = logging.getLogger(__name__)
 

@@ -48,8 +48,6 @@ def demo_data(root: Path, seed: int = 0) -> dict:
 
 def pretrained_base(root: Path, data: dict, seed: int = 0, epochs: int = 6) -> str:
     """A tiny LLaVA trained on the pre-training task; built once and reused."""
-    import torch
-
     target = root / "base-model"
     if (target / "config.json").is_file():
         return str(target)

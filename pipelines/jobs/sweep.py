@@ -41,7 +41,7 @@ def run_trial(config: dict, plan: SweepPlan, model_path: str, trials_storage: st
     """One Tune trial = one TorchTrainer, named after the trial so a restarted trial finds its checkpoints."""
     overrides, seed_index = trial_settings(config, plan.configs)
     cfg = trial_config(plan, overrides, seed_index)
-    trial_id = ray.tune.get_context().get_trial_id()
+    trial_id = tune.get_context().get_trial_id()
     when, trial_dir = cfg.analysis.importance, f"{trials_storage}/{trial_id}"
     if when in ("before", "both"):
         trial_importance(cfg, model_path, "before", trial_dir)

@@ -18,7 +18,6 @@ from pipelines.data.dataset import load_datasets, pad_token_id
 from pipelines.models.loading import load_model, load_processor
 from pipelines.training.checkpoints import WEIGHTS
 from pipelines.training.importance import ImportanceResult, compute_importance, eval_batches
-from strategies import StrategyConfig, build_plan
 from strategies.config import StrategyConfig
 from strategies.plan import build_plan
 
@@ -38,8 +37,6 @@ def load_analysis_model(model_path: str, weights: str | None = None, trust_remot
     model, and LoRA weights are first given their adapters (the run's strategy, from ``freezetune.json`` or
     ``strategy``) and then merged, so the blocks measured are plain modules.
     """
-    from safetensors.torch import load_file
-
     if weights is None:
         return load_model(model_path, trust_remote_code=trust_remote_code)
     folder = Path(weights)
@@ -70,8 +67,6 @@ def load_analysis_model(model_path: str, weights: str | None = None, trust_remot
 def analyze_model(cfg: RunConfig, settings: AnalysisSettings, model_path: str, weights: str | None = None,
                   device: str | None = None) -> ImportanceResult:
     """Load model and eval data, measure. No Ray, no MLflow."""
-    import torch
-
     processor = load_processor(model_path, trust_remote_code=cfg.trust_remote_code)
     _, eval_set = load_datasets(cfg.data, processor, seed=cfg.seed)
     if not eval_set:

@@ -124,8 +124,8 @@ def test_before_and_after_fine_tuning_in_a_trial(analysis_run, model_dirs, tmp_p
     uri = analysis_run["uri"]
     cfg = run_config_from_dict({**analysis_run["config"], "strategy": {"name": "full", "lr": 3e-3},
                                 "data": {**analysis_run["config"]["data"], "max_samples": 16},
-                                "train": {"epochs": 1, "batch_size": 8, "save": "adapter", "eval_max_batches": 1}})
-    cfg.analysis = {"max_batches": 1, "grad_batches": 1, "measures": ["ablation", "influence"]}
+                                "train": {"epochs": 1, "batch_size": 8, "save": "adapter", "eval_max_batches": 1},
+                                "analysis": {"max_batches": 1, "grad_batches": 1, "measures": ["ablation", "influence"]}})
     checkpoint = tmp_path / "checkpoint"
 
     def keep(metrics, ckpt_dir):
