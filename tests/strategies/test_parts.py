@@ -374,7 +374,7 @@ class _Mlp(nn.Module):
 
 
 class MixedBlockLM(nn.Module):
-    """Blocks alternate two classes, so there is no list of same-type blocks to detect."""
+    """Blocks alternate two classes (like Llama 3.2 Vision's self- and cross-attention layers)."""
 
     def __init__(self, vocab=50, d=16, n=4):
         super().__init__()
@@ -401,13 +401,48 @@ class NoEmbeddingEncoder(nn.Module):
         self.out = nn.Linear(d, 2)
 
 
+class NoBlocksLM(nn.Module):
+    """Embeddings and a head but no list of blocks at all."""
+
+    def __init__(self, vocab=50, d=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.mlp = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
 def test_unreadable_model_says_use_parts_override():
     with pytest.raises(ModelStructureError) as err:
-        find_parts(MixedBlockLM())
+        find_parts(NoBlocksLM())
     assert "parts" in str(err.value)
     with pytest.raises(ModelStructureError) as err:
         find_parts(NoEmbeddingEncoder())
     assert "parts" in str(err.value)
+
+
+def test_mixed_block_list_is_read_in_order_and_noted():
+    """Each block of a mixed list is one language block; the plan says the list mixes types (not a silent guess)."""
+    model = MixedBlockLM()
+    parts = find_parts(model)
+    assert_partition(model, parts)
+    assert parts.language_blocks == [f"model.layers.{i}" for i in range(4)]
+    assert any("mixes block types (_Attn x2, _Mlp x2)" in n for n in parts.notes), parts.notes
+    for i in range(4):
+        block = {n for n, u in parts.unit_of.items() if u == f"language.block.{i}"}
+        assert block == {f"model.layers.{i}.{n}" for n, _ in model.model.layers[i].named_parameters()}
+    plan = build_plan(model, {"name": "top_k", "top_k": 1})
+    assert any("mixes block types" in w for w in plan.summary()["warnings"])
+
+
+def test_readable_presets_have_no_detection_notes(models):
+    for preset in PRESETS:
+        assert find_parts(models(preset)).notes == [], preset
 
 
 @pytest.mark.parametrize("as_object", [False, True])
