@@ -20,6 +20,8 @@ Benchmarks (one module each):
 5. ``data_cache``    — second data preparation / first (target <= 0.05).
 6. ``gpu``           — tokens/s and MFU of full fine-tuning a ~0.5B model in bf16, and the freeze ratios on GPU;
    only where CUDA is available (otherwise reported as skipped).
+7. ``loss_memory``   — peak memory of the loss step (token loss forward + backward to bf16 logits): the chunked
+   ``token_loss_sum`` / the former fp32-copy-of-every-logit formula, same logits, same run. Target <= 0.5.
 """
 
-BENCHMARKS = ["data_cache", "freeze", "ray_overhead", "trial_cost", "early_stopping", "gpu"]  # run order
+BENCHMARKS = ["data_cache", "freeze", "ray_overhead", "trial_cost", "early_stopping", "gpu", "loss_memory"]  # run order

@@ -14,8 +14,9 @@ TITLES = {
     "early_stopping": "(4) Early stopping pays",
     "data_cache": "(5) Data cache",
     "gpu": "(6) GPU",
+    "loss_memory": "(7) Loss memory",
 }
-ORDER = ["ray_overhead", "freeze", "trial_cost", "early_stopping", "data_cache", "gpu"]
+ORDER = ["ray_overhead", "freeze", "trial_cost", "early_stopping", "data_cache", "gpu", "loss_memory"]
 VERDICT = {"pass": "pass", "fail": "**MISSED**", "na": "n/a"}
 
 

@@ -1,30 +1,42 @@
-"""Training memory estimate (weights, gradients, AdamW state), before activations.
+"""Training memory per rank (weights, gradients, AdamW state), before activations, under the precision policy.
 
-Mixed precision (bf16/fp16) AdamW: 2 B weights + 2 B grads + 12 B optimizer
-(fp32 master copy, m, v) = 16 B per trainable parameter, 2 B per frozen one.
-fp32: 4 B weights + 4 B grads + 8 B (m, v) per trainable, 4 B per frozen.
+The policy (``pipelines.training.precision`` applies it; the loop reports what the rank then holds):
+- a parameter that trains at some point of the run is kept in fp32: 4 B weight, 4 B gradient while it
+  trains, 8 B AdamW state (exp_avg, exp_avg_sq) once it has trained, plus a 4 B ``step`` per tensor;
+- a frozen parameter is kept in the compute dtype: 2 B in bf16/fp16, 4 B in fp32; no gradient, no state.
+So a trainable parameter costs 16 B in every precision (SPEC's 2 + 2 + 12, held as 4 + 4 + 8), and a
+frozen 7B language model 14 GB in bf16. Under FSDP with N ranks each figure is divided by N.
 """
 
 from __future__ import annotations
 
-BYTES = {  # precision: (weight, grad, optimizer) bytes per parameter
-    "bf16": (2, 2, 12),
-    "fp16": (2, 2, 12),
-    "fp32": (4, 4, 8),
-}
+from typing import Iterable, Mapping
+
+FROZEN_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # per frozen parameter, in the compute dtype
+TRAINABLE_WEIGHT, GRAD, ADAM_STATE, ADAM_STEP = 4, 4, 8, 4  # fp32 weight, grad, exp_avg + exp_avg_sq; step/tensor
+LOSS_CHUNK_ELEMENTS = 2**24  # the chunked loss's fp32 chunk (pipelines.training.step.CHUNK_ELEMENTS)
 
 
-def estimate_memory(total_params: int, trainable_params: int, precision: str = "bf16") -> dict:
-    if precision not in BYTES:
-        raise ValueError(f"precision = {precision!r}: use one of {', '.join(BYTES)}")
-    weight, grad, optim = BYTES[precision]
+def estimate_memory(numel: Mapping[str, int], trainable: Iterable[str], ever_trainable: Iterable[str],
+                    precision: str = "bf16") -> dict:
+    """Bytes one rank holds while ``trainable`` (the current stage) trains, for a run whose optimizer will
+    hold ``ever_trainable``; ``numel`` maps every parameter (each shared tensor once) to its size.
+
+    ``optimizer_bytes`` is the state after the stage's first step: every parameter trained so far (stages
+    only add parameters, so that is ``trainable``)."""
+    if precision not in FROZEN_BYTES:
+        raise ValueError(f"precision = {precision!r}: use one of {', '.join(FROZEN_BYTES)}")
+    trainable, ever = set(trainable), set(ever_trainable)
+    n_trainable = sum(numel[n] for n in trainable)
+    n_ever = sum(numel[n] for n in ever)
+    n_frozen = sum(numel.values()) - n_ever
     out = {
         "precision": precision,
-        "weights_bytes": weight * total_params,
-        "gradients_bytes": grad * trainable_params,
-        "optimizer_bytes": optim * trainable_params,
+        "weights_bytes": TRAINABLE_WEIGHT * n_ever + FROZEN_BYTES[precision] * n_frozen,
+        "grads_bytes": GRAD * n_trainable,
+        "optimizer_bytes": ADAM_STATE * n_trainable + ADAM_STEP * len(trainable),
     }
-    out["total_bytes"] = out["weights_bytes"] + out["gradients_bytes"] + out["optimizer_bytes"]
+    out["total_bytes"] = out["weights_bytes"] + out["grads_bytes"] + out["optimizer_bytes"]
     return out
 
 
@@ -34,3 +46,38 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def estimate_activations(*, batch: int, length: int, hidden: int, intermediate: int, vocab: int, blocks: int,
+                         stored_blocks: int, precision: str = "bf16", checkpointing: bool = False,
+                         vision: dict | None = None) -> dict:
+    """Activation bytes kept for backward in one micro-batch (an estimate; measured peaks are reported).
+
+    A decoder block under SDPA/flash attention (no s x s scores kept) saves about 9 hidden-sized tensors
+    (norm inputs/outputs, q, k, v, attention output, residuals) and 4 MLP-sized ones (gate, up, act, their
+    product) in the compute dtype, plus the two RMSNorm inputs in fp32: per token
+    ``e * (9 h + 4 i) + 8 h`` bytes with e = 2 (bf16/fp16) or 4 (fp32). Only blocks at or above the lowest
+    block that needs a gradient (``stored_blocks``) keep anything: autograd never enters frozen lower
+    blocks. With activation checkpointing a block keeps only its input (``e * h`` per token) and one block
+    is recomputed at a time. The chunked loss keeps the logits and, in backward, their gradient
+    (``2 e * vocab`` per token) plus one fp32 chunk of ``LOSS_CHUNK_ELEMENTS``.
+    ``vision``: {tokens, hidden, intermediate, stored_blocks} when vision blocks train.
+    """
+    e = FROZEN_BYTES[precision]
+    tokens = batch * length
+
+    def stack(n_tokens: int, h: int, i: int, stored: int) -> int:
+        full = n_tokens * (e * (9 * h + 4 * i) + 8 * h)
+        if not checkpointing:
+            return stored * full
+        return stored * n_tokens * e * h + (full if stored else 0)  # inputs kept + one block recomputed
+
+    language = stack(tokens, hidden, intermediate, stored_blocks)
+    vision_bytes = 0
+    if vision:
+        vision_bytes = stack(batch * vision["tokens"], vision["hidden"], vision["intermediate"],
+                             vision["stored_blocks"])
+    logits = 2 * tokens * e * vocab + 4 * min(LOSS_CHUNK_ELEMENTS, tokens * vocab)
+    return {"activations_bytes": language + vision_bytes + logits, "batch": batch, "length": length,
+            "checkpointing": checkpointing, "language_bytes": language, "vision_bytes": vision_bytes,
+            "logits_bytes": logits, "blocks_kept": stored_blocks, "blocks": blocks}

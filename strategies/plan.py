@@ -20,8 +20,8 @@ from torch import nn
 
 from strategies.config import StrategyConfig, StrategyConfigError
 from strategies.lora import lora_target_modules
-from strategies.memory import estimate_memory
-from strategies.parts import PART_NAMES, ModelParts, find_parts, part_of_unit, unit_sort_key
+from strategies.memory import estimate_activations, estimate_memory
+from strategies.parts import PART_NAMES, ModelParts, find_parts, part_of_unit, unit_sort_key, unwrap
 from strategies.registry import Strategy, get_strategy, trainable_units
 
 
@@ -151,7 +151,37 @@ class Plan:
             notes.append("connector only still back-propagates through the whole language model (activation grads)")
         return notes
 
-    def summary(self, epoch: int = 1, model_name: str | None = None, precision: str = "bf16") -> dict:
+    def activations(self, batch: int, length: int, precision: str = "bf16", checkpointing: bool = False,
+                    epoch: int = 1) -> dict:
+        """``strategies.memory.estimate_activations`` for this model and what trains at ``epoch``: blocks at or
+        above the lowest one whose output needs a gradient keep activations; lower frozen blocks keep none."""
+        units = self.units_at(epoch) | {self.parts.unit_of[n] for n in self.adapter_names}
+        if self.adapter_names:  # LoRA units are the blocks whose modules carry adapters
+            units |= {u for n, u in self.parts.unit_of.items() if n in self.adapter_names}
+
+        def lowest(side: str, depth: int) -> int | None:
+            blocks = [int(u.rsplit(".", 1)[1]) for u in units if u.startswith(f"{side}.block.")]
+            return min(blocks) if blocks else None
+
+        below = {"embeddings", "connector", "vision.embeddings"} | {u for u in units if u.startswith("vision.")}
+        low = 0 if units & below else lowest("language", self.parts.num_layers)
+        stored = 0 if low is None else self.parts.num_layers - low
+        text = _text_config(self.model)
+        vision = None
+        low_vision = 0 if "vision.embeddings" in units else lowest("vision", self.parts.num_vision_layers)
+        if self.parts.is_vlm and low_vision is not None:
+            vc = getattr(self.model.config, "vision_config", None)
+            size, patch = getattr(vc, "image_size", 0), getattr(vc, "patch_size", 1) or 1
+            vision = {"tokens": (size // patch) ** 2 + 1, "hidden": getattr(vc, "hidden_size", 0),
+                      "intermediate": getattr(vc, "intermediate_size", 0),
+                      "stored_blocks": self.parts.num_vision_layers - low_vision}
+        return estimate_activations(batch=batch, length=length, hidden=text.hidden_size,
+                                    intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+                                    vocab=text.vocab_size, blocks=self.parts.num_layers, stored_blocks=stored,
+                                    precision=precision, checkpointing=checkpointing, vision=vision)
+
+    def summary(self, epoch: int = 1, model_name: str | None = None, precision: str = "bf16",
+                batch: int | None = None, length: int | None = None, checkpointing: bool = False) -> dict:
         """The ``--json`` view: one object per plan (see README)."""
         trainable = set(self.trainable_names(epoch))
         parts = {p: {"params": 0, "trainable": 0} for p in PART_NAMES}
@@ -162,7 +192,10 @@ class Plan:
                 entry["trainable"] += self.parts.numel[name]
         total = self.parts.total_params
         n_trainable = sum(self.parts.numel[n] for n in trainable)
-        peak_trainable = sum(self.parts.numel[n] for n in self.ever_trainable_names)
+        said = {"train": "trains with all its weights", "frozen": "stays frozen"}
+        encoder_notes = [f"the {part} encoder ({', '.join(self.parts.encoder_roots[part])}) {said[action]} under "
+                         f"{self.strategy.name}"
+                         for part, action in self.strategy.encoder_actions(self.parts, self.config).items()]
         return {
             "model": model_name or type(self.model).__name__,
             "strategy": self.strategy.name,
@@ -181,8 +214,14 @@ class Plan:
             ],
             "stages": self.stages() if self.strategy.staged else [],
             "lora_targets": len(self.lora_targets),
-            "memory": estimate_memory(total, peak_trainable, precision),
-            "notes": self.notes(),
+            "memory": {**estimate_memory(self.parts.numel, trainable, self.ever_trainable_names, precision),
+                       **({"activations": self.activations(batch, length, precision, checkpointing, epoch)}
+                          if batch and length else {})},
+            "notes": self.notes() + encoder_notes,
+            "warnings": list(self.parts.notes),  # what part detection was unsure about
+            "encoders": {part: list(roots) for part, roots in self.parts.encoder_roots.items()},
+            "param_parts": {name: part_of_unit(unit) for name, unit in self.parts.unit_of.items()},
+            "param_units": dict(self.parts.unit_of),
         }
 
 
@@ -220,3 +259,9 @@ def build_plan(model: nn.Module, config: StrategyConfig | dict) -> Plan:
         )
     plan.apply(1)
     return plan
+
+
+def _text_config(model: nn.Module):
+    """The language model's config (a VLM's ``text_config``), for its hidden size, MLP width and vocabulary."""
+    config = getattr(unwrap(model), "config", None)
+    return getattr(config, "text_config", None) or config

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from importlib.metadata import entry_points
 
 COMMANDS = {  # name -> module (order = order in --help)
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes: not the user's to act on
     args = build_parser().parse_args(argv)
     return args._command(args)
 

@@ -11,9 +11,19 @@ HELP = "what a strategy trains on a model, its param groups and memory"
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="built-in preset (tiny-llama, tiny-llava, ...) or a local model folder")
+    p.add_argument("--model", required=True, help="built-in preset (tiny-llama, tiny-llava, ...) or a model folder "
+                   "(config.json is enough: the plan is built on the meta device, no weights are read)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--batch-size", type=int, help="micro-batch size: adds the activation estimate (with --length)")
+    p.add_argument("--length", type=int, help="tokens per example (image tokens included) for the activation estimate")
+    p.add_argument("--activation-checkpointing", action="store_true", help="estimate activations with checkpointing")
+
+
+def activation_options(args: argparse.Namespace) -> dict:
+    if (args.batch_size is None) != (args.length is None):
+        raise ValueError("--batch-size and --length go together: give both for the activation estimate, or neither.")
+    return {"batch": args.batch_size, "length": args.length, "checkpointing": args.activation_checkpointing}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +37,6 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.reporting import plan_view  # lazy: loads model code; keeps freezetune --help fast
 
     summary = plan_view.plan_summary(args.model, strategy_from_args(args), args.epoch, args.precision,
-                                     args.trust_remote_code)
+                                     args.trust_remote_code, **activation_options(args))
     print(json.dumps(summary) if args.json else plan_view.render_plan(summary))
     return 0

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from pipelines.cli.options import add_strategy_flags, strategy_from_args
-from pipelines.cli.plan import add_model_flags
+from pipelines.cli.plan import activation_options, add_model_flags
 
 HELP = "every applicable strategy side by side"
 
@@ -21,6 +21,6 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.reporting import plan_view  # lazy: loads model code; keeps freezetune --help fast
 
     summaries = plan_view.applicable_summaries(args.model, strategy_from_args(args, with_name=False), args.precision,
-                                               args.trust_remote_code)
+                                               args.trust_remote_code, **activation_options(args))
     print(json.dumps(summaries) if args.json else plan_view.render_strategies(summaries))
     return 0

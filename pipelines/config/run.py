@@ -22,6 +22,26 @@ from strategies.settings import setting as _f
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SAVE_MODES = ("adapter", "merged", "none")
+LOAD_DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+@dataclass
+class ModelOptions:
+    """How the model is loaded; written as `model: {name: ..., dtype: ..., attn_implementation: ...}`."""
+
+    dtype: str = _f("auto", "dtype the checkpoint is read in: auto (as stored) | bfloat16 | float16 | float32; "
+                            "the precision policy then keeps trainable weights in fp32, frozen ones in the compute "
+                            "dtype (train.precision)")
+    attn_implementation: str | None = _f(None, "attention kernel: sdpa | eager | flash_attention_2 (where "
+                                               "installed); default: transformers' choice, sdpa where supported")
+
+    def validate(self, where: str = "model") -> None:
+        if self.dtype not in LOAD_DTYPES:
+            raise ConfigError(f"{where}.dtype = {self.dtype!r}: use {', '.join(LOAD_DTYPES)}.")
+        if self.attn_implementation is not None and self.attn_implementation not in ATTENTION:
+            raise ConfigError(f"{where}.attn_implementation = {self.attn_implementation!r}: use "
+                              f"{', '.join(ATTENTION)}.")
 
 
 @dataclass
@@ -37,6 +57,8 @@ class TrainSettings:
     save: str = _f("adapter", "final model: adapter (trainable weights / LoRA adapter) | merged (full model) | none")
     find_unused_parameters: bool | None = _f(None, "DDP: default on when vision weights train (layers above the feature layer feed no loss)")
     eval_max_batches: int | None = _f(None, "cap on eval batches per epoch (None = whole eval set)")
+    activation_checkpointing: bool = _f(False, "recompute block activations in backward (about 1/3 more compute, "
+                                               "far less memory); frozen lower blocks still get no backward")
 
     def validate(self, where: str = "train") -> None:
         for key in ("epochs", "batch_size", "grad_accum"):
@@ -83,7 +105,9 @@ class MlflowSettings:
 
 @dataclass
 class RunConfig:
-    model: str = _f("tiny-llava", "built-in preset, local from_pretrained folder, or hub name")
+    model: str = _f("tiny-llava", "built-in preset, local from_pretrained folder, or hub name; or a mapping "
+                                  "{name, dtype, attn_implementation}")
+    model_options: ModelOptions = _f(ModelOptions(), "how the model is loaded (the mapping form of `model:`)")
     name: str | None = _f(None, "run name (Ray storage folder and MLflow run name); default: derived from the config")
     seed: int = _f(0, "seeds torch, data order and the split")
     trust_remote_code: bool = _f(False, "allow model code from the model folder (off unless you trust it)")
@@ -120,7 +144,7 @@ def _positive_int(value, where: str) -> None:
 
 def run_config_from_dict(data: dict, where: str = "config", base_dir: str | Path | None = None) -> RunConfig:
     """A validated run config; data paths in a config file are relative to the file (``base_dir``)."""
-    data = dict(data)
+    data = _split_model(dict(data), where)
     if base_dir is not None and isinstance(data.get("data"), dict):
         data["data"] = {k: paths.relative_to(base_dir, v) if k in ("train", "eval", "image_root") and isinstance(v, str)
                         else v for k, v in data["data"].items()}
@@ -131,8 +155,23 @@ def run_config_from_dict(data: dict, where: str = "config", base_dir: str | Path
     return cfg
 
 
+def _split_model(data: dict, where: str) -> dict:
+    """`model: {name, dtype, attn_implementation}` -> `model: name` + `model_options: {...}`."""
+    model = data.get("model")
+    if isinstance(model, dict):
+        options = dict(model)
+        if not isinstance(options.get("name"), str) or not options["name"]:
+            raise ConfigError(f"{where}.model: the mapping form needs `name` (a preset, folder or hub name), e.g. "
+                              "model: {name: tiny-llama, dtype: bfloat16}.")
+        data["model"] = options.pop("name")
+        data["model_options"] = {**(data.get("model_options") or {}), **options}
+    return data
+
+
 def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     data = load_yaml(path)
     if overrides:
+        if isinstance(overrides.get("model"), dict) and isinstance(data.get("model"), str):
+            data["model"] = {"name": data["model"]}  # --set model.dtype=... on a `model: NAME` file
         data = deep_merge(data, overrides)
     return run_config_from_dict(data, where=str(path), base_dir=Path(path).parent)

@@ -10,21 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
 from pipelines.config.paths import is_uri
 from pipelines.config.run import RunConfig
 from pipelines.demo.artifacts import resolve_demo_uri
-from pipelines.models.loading import _model_class, materialize_preset, resolve_model_path
+from pipelines.models.loading import materialize_preset, meta_model, resolve_model_path
 from strategies.plan import Plan, build_plan
 
 
 def skeleton_plan(model_path: str, cfg: RunConfig) -> Plan:
     """The plan on a meta-device model: checks the strategy against the real architecture without loading weights."""
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
-    with torch.device("meta"):
-        model = _model_class(config).from_config(config, trust_remote_code=cfg.trust_remote_code)
-    return build_plan(model, cfg.strategy)
+    with torch.device("meta"):  # LoRA adapters too
+        return build_plan(meta_model(model_path, cfg.trust_remote_code), cfg.strategy)
 
 
 def skeleton_source(cfg: RunConfig) -> str:

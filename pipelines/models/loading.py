@@ -172,8 +172,9 @@ def _model_class(config):
     return tf.AutoModelForSequenceClassification
 
 
-def load_model(path: str, trust_remote_code: bool = False, dtype=None):
-    """Returns the model at ``path`` (folder or hub name) as the matching Auto class.
+def load_model(path: str, trust_remote_code: bool = False, dtype=None, attn_implementation: str | None = None):
+    """Returns the model at ``path`` (folder or hub name) as the matching Auto class, in ``dtype`` (default:
+    as stored) with ``attn_implementation`` (default: transformers' choice).
 
     VLM configs → ``AutoModelForImageTextToText``, causal LMs → ``AutoModelForCausalLM``,
     BERT-like classifiers → ``AutoModelForSequenceClassification``.
@@ -188,7 +189,24 @@ def load_model(path: str, trust_remote_code: bool = False, dtype=None):
     kw = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kw["dtype"] = dtype
+    if attn_implementation is not None:
+        kw["attn_implementation"] = attn_implementation
     return _from_pretrained(cls, path, config=config, **kw)
+
+
+def meta_model(spec: str, trust_remote_code: bool = False):
+    """The model's architecture on the meta device: no weights read or allocated, so a 70B config folder
+    (config.json alone) builds in seconds. ``spec``: a preset name, a folder or a hub name."""
+    import torch
+    from transformers import AutoConfig
+
+    if spec in presets.PRESETS:
+        make_config, model_cls = presets.PRESETS[spec]
+        with torch.device("meta"):
+            return model_cls(make_config())
+    config = _from_pretrained(AutoConfig, spec, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return _model_class(config).from_config(config, trust_remote_code=trust_remote_code)
 
 
 def load_processor(path: str, trust_remote_code: bool = False):

@@ -2,42 +2,49 @@
 
 from __future__ import annotations
 
-from strategies import STRATEGIES, StrategyConfig, build_plan, find_parts, human_bytes
+import torch
+
+from pipelines.models.loading import meta_model
+from pipelines.reporting.tables import format_table
+from strategies import STRATEGIES, StrategyConfig, StrategyConfigError, build_plan, find_parts, human_bytes
 from strategies.parts import PART_NAMES
 
-from pipelines.reporting.tables import format_table
-from pipelines.models.presets import PRESETS, build_preset
-from pipelines.models.loading import load_model, resolve_model_path
+
+def meta_plan(spec: str, strategy: dict, trust_remote_code: bool = False):
+    """The plan on the model's architecture alone (meta device): no weights are read, so a config.json is
+    enough and a 70B model plans in seconds. LoRA adapters are built on the meta device too."""
+    with torch.device("meta"):
+        return build_plan(meta_model(spec, trust_remote_code), StrategyConfig.from_dict(strategy))
 
 
-def load_model_for_plan(spec: str, trust_remote_code: bool = False):
-    """A preset is built in memory (fast); anything else goes through the real loading path."""
-
-    if spec in PRESETS:
-        return build_preset(spec)
-
-    return load_model(resolve_model_path(spec, cache_root=None), trust_remote_code=trust_remote_code)
+def plan_summary(spec: str, strategy: dict, epoch: int = 1, precision: str = "bf16", trust_remote_code=False,
+                 **activations) -> dict:
+    """``activations``: batch, length, checkpointing (the activation estimate, when batch and length are set)."""
+    return meta_plan(spec, strategy, trust_remote_code).summary(epoch, model_name=spec, precision=precision,
+                                                                **activations)
 
 
-def plan_summary(spec: str, strategy: dict, epoch: int = 1, precision: str = "bf16", trust_remote_code=False) -> dict:
-    model = load_model_for_plan(spec, trust_remote_code)
-    return build_plan(model, StrategyConfig.from_dict(strategy)).summary(epoch, model_name=spec, precision=precision)
+def applicable_summaries(spec: str, strategy: dict, precision: str = "bf16", trust_remote_code=False,
+                         **activations) -> list[dict]:
+    """One summary per strategy that applies to the model (skipping those that need a ranking).
 
-
-def applicable_summaries(spec: str, strategy: dict, precision: str = "bf16", trust_remote_code=False) -> list[dict]:
-    """One summary per strategy that applies to the model (skipping those that need a ranking)."""
-    import copy
-
-    model = load_model_for_plan(spec, trust_remote_code)
-    is_vlm = find_parts(model, strategy.get("parts")).is_vlm
-    out = []
+    A strategy that cannot decide what to do with one of the model's encoders (it asks for `strategy.parts`)
+    is left out; every summary lists those under ``undecided`` (strategy -> the reason and how to decide)."""
+    is_vlm = find_parts(meta_model(spec, trust_remote_code), strategy.get("parts")).is_vlm
+    out, undecided = [], {}
     for name, strat in STRATEGIES.items():
         if name == "importance_top_k" or (strat.vlm_only and not is_vlm):
             continue  # importance_top_k needs a ranking from `freezetune analyze`
-        cfg = StrategyConfig.from_dict({**strategy, "name": name})
-        # LoRA wrapping changes the model in place: give those plans their own copy
-        plan = build_plan(copy.deepcopy(model) if strat.lora_sides else model, cfg)
-        out.append(plan.summary(1, model_name=spec, precision=precision))
+        try:
+            plan = meta_plan(spec, {**strategy, "name": name}, trust_remote_code)
+        except StrategyConfigError as err:
+            if "strategy.parts" not in str(err):
+                raise
+            undecided[name] = str(err)
+            continue
+        out.append(plan.summary(1, model_name=spec, precision=precision, **activations))
+    for s in out:
+        s["undecided"] = dict(undecided)
     return out
 
 
@@ -63,10 +70,24 @@ def render_plan(s: dict) -> str:
                                   title="progressive unfreezing stages (one optimizer, one schedule for the whole run):"))
     m = s["memory"]
     lines.append("")
-    lines.append(f"memory estimate ({m['precision']} AdamW, before activations): weights {human_bytes(m['weights_bytes'])}, "
-                 f"gradients {human_bytes(m['gradients_bytes'])}, optimizer {human_bytes(m['optimizer_bytes'])}, "
-                 f"total {human_bytes(m['total_bytes'])}")
+    lines.append(f"memory per GPU ({m['precision']}; trainable weights and AdamW in fp32, frozen weights in "
+                 f"{m['precision']}): weights {human_bytes(m['weights_bytes'])}, gradients "
+                 f"{human_bytes(m['grads_bytes'])}, optimizer {human_bytes(m['optimizer_bytes'])}, "
+                 f"total {human_bytes(m['total_bytes'])} before activations")
+    a = m.get("activations")
+    if a:
+        lines.append(f"activations at batch {a['batch']} x {a['length']} tokens"
+                     f"{' with activation checkpointing' if a['checkpointing'] else ''}: "
+                     f"{human_bytes(a['activations_bytes'])} ({a['blocks_kept']} of {a['blocks']} language blocks "
+                     f"keep activations; logits {human_bytes(a['logits_bytes'])}) -> about "
+                     f"{human_bytes(m['total_bytes'] + a['activations_bytes'])} in all")
     lines += [f"note: {n}" for n in s["notes"]]
+    extra = {p: roots for p, roots in s.get("encoders", {}).items() if p != "vision"}
+    if extra:
+        lines.append("encoders: " + "; ".join(f"{p} = {', '.join(roots)}" for p, roots in s["encoders"].items()))
+    lines += [f"warning (part detection): {w}" for w in s.get("warnings", [])]
+    if s.get("warnings"):
+        lines.append("  every parameter's part: `freezetune plan --json` (param_parts); override with `strategy.parts`")
     return "\n".join(lines)
 
 
@@ -75,6 +96,12 @@ def render_strategies(summaries: list[dict]) -> str:
     for s in summaries:
         trained = [p for p in PART_NAMES if s["parts"][p]["trainable"]]
         rows.append([s["strategy"], s.get("letter") or "", s["trainable_params"], f"{s['trainable_share']:.1%}",
-                     ", ".join(trained), human_bytes(s["memory"]["total_bytes"])])
+                     ", ".join(trained), human_bytes(s["memory"]["total_bytes"]),
+                     human_bytes(s["memory"]["total_bytes"] + s["memory"].get("activations", {}).get(
+                         "activations_bytes", 0)) if s["memory"].get("activations") else "-"])
     title = f"Strategies for {summaries[0]['model']} ({summaries[0]['total_params']:,} params)" if summaries else ""
-    return format_table(["strategy", "id", "trainable", "share", "parts trained", "memory est."], rows, title=title)
+    table = format_table(["strategy", "id", "trainable", "share", "parts trained", "per GPU before activations",
+                          "with activations"], rows, title=title)
+    undecided = summaries[0].get("undecided", {}) if summaries else {}
+    return "\n".join([table, *(f"{name}: needs `strategy.parts` on this model: {why}"
+                               for name, why in undecided.items())])

@@ -29,6 +29,8 @@ from pipelines.config.run import RunConfig
 from pipelines.data.dataset import collate, load_datasets, shard
 from pipelines.models.loading import load_model, load_processor
 from pipelines.training import checkpoints
+from pipelines.training.precision import LOAD_DTYPES, apply_precision_policy, held_bytes
+from pipelines.training.recompute import enable_activation_checkpointing
 from pipelines.training.step import forward_loss, labelled_tokens, train_step
 from strategies.plan import Plan, build_plan
 from strategies.schedules import build_scheduler
@@ -85,11 +87,17 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
     seed_everything(cfg.seed)
 
     # --- set-up: model, plan, data -------------------------------------------
-    model = load_model(model_path, trust_remote_code=cfg.trust_remote_code)
+    options = cfg.model_options
+    model = load_model(model_path, trust_remote_code=cfg.trust_remote_code, dtype=LOAD_DTYPES[options.dtype],
+                       attn_implementation=options.attn_implementation)
     processor = load_processor(model_path, trust_remote_code=cfg.trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     plan: Plan = build_plan(model, cfg.strategy)
+    # fp32 for whatever trains at some point (later thaws and LoRA included), the compute dtype for the rest
+    apply_precision_policy(plan.model, plan.ever_trainable_names, t.precision)
+    if t.activation_checkpointing:
+        enable_activation_checkpointing(plan.model)
     model = plan.model.to(env.device)
     train_set, eval_set = load_datasets(cfg.data, processor, seed=cfg.seed)
     train_shard = shard(train_set, env.rank, env.world_size)
@@ -135,7 +143,8 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
         started = time.perf_counter()
         batches = _batches(train_shard, t.batch_size, pad_id, epoch_seed=cfg.seed * 1000 + epoch)
         loss_sum = tokens = seen_tokens = 0.0
-        skipped = 0
+        skipped = grads_bytes = 0
+        unused = (0, 0)  # trainable (elements, tensors) that got no gradient: no grad buffer, no AdamW state
         for window in windows(batches, t.grad_accum):
             try:
                 done = train_step(net, window, optimizer, trainable=trainable, device=env.device,
@@ -149,6 +158,8 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
             tokens += done.loss_tokens
             seen_tokens += done.input_tokens
             skipped += done.skipped
+            grads_bytes = max(grads_bytes, done.grads_bytes)
+            unused = max(unused, (done.no_grad_elements, done.no_grad_tensors))
             step += 1
         seconds = time.perf_counter() - started
         loss_sum, tokens, seen_tokens = _all_reduce_sum([loss_sum, tokens, seen_tokens], env)
@@ -167,7 +178,16 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
             "epoch_seconds": seconds,
             "peak_memory_mb": peak_memory_mb(env.device),
             "optimizer_steps": step,
+            # what this rank holds, counted from its tensors (the plan predicts the same three)
+            **{f"memory/{k}": v for k, v in held_bytes(model, optimizer).items()},
+            "memory/grads_bytes": grads_bytes,
+            "memory/trainable_without_grad": unused[0],
+            "memory/trainable_tensors_without_grad": unused[1],
         }
+        if unused[0] and epoch == start_epoch:
+            log.warning("epoch %d: %d trainable parameters (%d tensors) got no gradient: the model does not use "
+                        "them for this loss (e.g. vision layers above the feature layer); they are not updated",
+                        epoch, *unused)
         if scaler.is_enabled():
             metrics["amp_skipped_steps"] = skipped
             if skipped:

@@ -1,4 +1,5 @@
-"""One optimizer step, on one screen: the code the loop, the importance job and the benchmarks all run.
+"""One optimizer step, on one screen: what the loop and the benchmarks run (the importance measures share
+its loss and autocast).
 
 A step takes an accumulation window of micro-batches: each micro-batch's summed token loss is divided by
 the window's labelled tokens (so N micro-batches equal one N-times-larger batch), backward under the
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from pipelines.data.dataset import IGNORE_INDEX, count_tokens
+from pipelines.training.precision import grad_bytes
+from strategies.memory import LOSS_CHUNK_ELEMENTS
 
 
 @dataclass
@@ -26,16 +28,108 @@ class StepResult:
     loss_tokens: int  # labelled tokens of the window: the loss's divisor
     input_tokens: int  # non-padding input tokens (throughput)
     skipped: bool  # fp16: the GradScaler found inf/nan gradients and skipped the update
+    grads_bytes: int = 0  # gradient bytes held after backward, counted from the tensors
+    no_grad_elements: int = 0  # trainable elements that got no gradient (the model never used them)
+    no_grad_tensors: int = 0
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over labelled positions (labels == -100 are ignored)."""
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    """Summed next-token cross-entropy over labelled positions (labels == -100 are ignored).
+
+    The value (and its gradient) of ``F.cross_entropy(logits[:, :-1].reshape(-1, V).float(),
+    labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")``, computed by
+    :func:`chunked_token_loss_sum` so that no fp32 copy of the whole batch x sequence x vocabulary exists."""
+    return chunked_token_loss_sum(logits, labels)
+
+
+# fp32 elements of one chunk of logit rows: 16M (64 MiB fp32; rows = CHUNK_ELEMENTS // vocabulary, e.g. 130 rows
+# at a 128k vocabulary, 524 at 32k). A chunk's temporaries (its low-precision rows + their fp32 copy) are ~1.5x
+# that: with bf16 logits the loss step's peak is the logits' gradient (2 B per logit) + ~96 MiB, against ~12 B
+# per logit for the fp32-everything formula (benchmarks/loss_memory.py). Bigger chunks: fewer kernel launches.
+CHUNK_ELEMENTS = LOSS_CHUNK_ELEMENTS  # the memory plan counts the same chunk
+
+
+def chunk_rows(vocab: int) -> int:
+    """The default rows per chunk for a vocabulary of ``vocab``."""
+    return max(1, CHUNK_ELEMENTS // max(int(vocab), 1))
+
+
+def chunked_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """:func:`token_loss_sum` over ``chunk_size`` logit rows at a time (default :func:`chunk_rows`).
+
+    Only the labelled positions are visited (prompt tokens, padding and image slots cost nothing), each chunk
+    is cast to fp32 on its own, and backward recomputes each chunk's softmax from the saved low-precision
+    logits: autograd holds the logits (which it holds anyway), the labelled rows' targets and one fp32
+    log-sum-exp per row, never an fp32 (B, T, V) tensor. Returns an fp32 scalar.
+
+    A fused kernel (e.g. liger_kernel's fused linear cross-entropy, which never materialises the logits at
+    all) could be plugged in here where installed; this is plain torch on purpose (no extra dependency).
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"logits (B, T, V) and labels (B, T) expected, got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    vocab = logits.size(-1)
+    targets = torch.full_like(labels, IGNORE_INDEX, device=logits.device)
+    targets[:, :-1] = labels[:, 1:]  # position t predicts token t+1: shift the labels, not the logits (no copy)
+    targets = targets.reshape(-1)
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # the labelled rows of the flat (B*T, V) logits
+    flat = logits.reshape(-1, vocab)  # a view for contiguous logits
+    return _ChunkedCrossEntropy.apply(flat, rows, targets[rows], chunk_size or chunk_rows(vocab))
+
+
+def _no_autocast(device: torch.device):
+    """The loss's own fp32 arithmetic, whatever autocast the caller runs under."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """sum over ``rows`` of -log softmax(flat[row])[target], chunk by chunk in fp32.
+
+    Saved for backward: ``flat`` (the caller's logits, no copy), ``rows``, ``targets`` and the fp32
+    log-sum-exp of each labelled row (4 B per labelled position). Backward writes
+    ``(softmax - onehot) * grad`` chunk by chunk into a zero gradient of the logits' own dtype, which is the
+    only full-size tensor it allocates (and the one autograd hands to the layer below anyway)."""
+
+    @staticmethod
+    def forward(ctx, flat, rows, targets, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=flat.device)
+        lse = torch.empty(rows.numel(), dtype=torch.float32, device=flat.device)
+        with _no_autocast(flat.device):
+            for start in range(0, rows.numel(), chunk):
+                idx, tgt = rows[start:start + chunk], targets[start:start + chunk, None]
+                x = flat.index_select(0, idx).float()  # this chunk only, in fp32
+                top = x.amax(dim=1, keepdim=True)
+                x.sub_(top)
+                picked = x.gather(1, tgt).squeeze(1)  # target logit - row max
+                part = x.exp_().sum(dim=1).log_()  # log-sum-exp - row max
+                total += (part - picked).sum()
+                lse[start:start + chunk] = part + top.squeeze(1)
+                del x
+        ctx.save_for_backward(flat, rows, targets, lse)
+        ctx.chunk = chunk
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        flat, rows, targets, lse = ctx.saved_tensors
+        chunk = ctx.chunk
+        grad = torch.zeros_like(flat)
+        scale = grad_total.float()
+        with _no_autocast(flat.device):
+            for start in range(0, rows.numel(), chunk):
+                idx, tgt = rows[start:start + chunk], targets[start:start + chunk, None]
+                x = flat.index_select(0, idx).float()
+                x.sub_(lse[start:start + chunk, None]).exp_()  # softmax, recomputed
+                x.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=x.dtype))  # - onehot(target)
+                x.mul_(scale)
+                grad.index_copy_(0, idx, x.to(grad.dtype))
+                del x
+        return grad, None, None, None
 
 
 def labelled_tokens(batch: dict) -> int:
@@ -80,6 +174,8 @@ def train_step(model, window: Sequence[dict], optimizer: torch.optim.Optimizer, 
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += value
         seen += count_tokens(batch)
+    held = grad_bytes(trainable)
+    unused = [p for p in trainable if p.grad is None]
     if timings is not None:
         sync and sync()
         backward_done = time.perf_counter()
@@ -101,4 +197,4 @@ def train_step(model, window: Sequence[dict], optimizer: torch.optim.Optimizer, 
     if timings is not None:
         sync and sync()
         timings.append((backward_done - started, time.perf_counter() - backward_done))
-    return StepResult(loss_sum, window_tokens, seen, skipped)
+    return StepResult(loss_sum, window_tokens, seen, skipped, held, sum(p.numel() for p in unused), len(unused))

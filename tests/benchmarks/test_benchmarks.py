@@ -35,6 +35,8 @@ REQUIRED = {
     "data_cache.warm_over_cold": "≤ 0.05×",
     "gpu.tokens_per_s": "—",
     "gpu.mfu": "—",
+    "loss_memory.peak_ratio": "≤ 0.5×",
+    "loss_memory.same_result": "yes",
 }
 KEYS = {"id", "benchmark", "label", "value", "unit", "target", "verdict", "how", "repeats", "note", "check", "details"}
 
@@ -54,7 +56,8 @@ def test_quick_run_writes_json_and_markdown(quick_run):
     doc = json.loads((out / "bench.json").read_text())
     md = (out / "bench.md").read_text()
     assert doc["mode"] == "quick"
-    assert set(doc["benchmarks"]) == {"ray_overhead", "freeze", "trial_cost", "early_stopping", "data_cache", "gpu"}
+    assert set(doc["benchmarks"]) == {"ray_overhead", "freeze", "trial_cost", "early_stopping", "data_cache", "gpu",
+                                      "loss_memory"}
     assert all(v["status"] == "ok" for v in doc["benchmarks"].values()), doc["benchmarks"]
     for key in ("cpu", "logical_cpus", "torch", "ray", "transformers"):
         assert doc["machine"][key], key
@@ -100,7 +103,7 @@ def test_markdown_table_has_every_figure_with_its_target(quick_run):
         if f["note"]:
             assert f["note"] in md, f["id"]  # why a target is missed or does not apply
     for title in ("(1) Ray Train overhead", "(2) Freezing pays", "(3) Fixed cost of a trial", "(4) Early stopping pays",
-                  "(5) Data cache", "(6) GPU"):
+                  "(5) Data cache", "(6) GPU", "(7) Loss memory"):
         assert title in md
 
 

@@ -663,11 +663,16 @@ def test_memory_estimate(models, preset, cfg):
     assert summary["trainable_params"] == n_train
     assert summary["trainable_share"] == pytest.approx(n_train / total)
     mem = summary["memory"]
+    n_tensors = sum(1 for p in model.parameters() if p.requires_grad)  # AdamW keeps a 4-byte step per tensor
     assert mem["precision"] == "bf16"
-    assert mem["total_bytes"] == 16 * n_train + 2 * (total - n_train)
-    assert mem["weights_bytes"] + mem["gradients_bytes"] + mem["optimizer_bytes"] == mem["total_bytes"]
+    # the precision policy: 4 B fp32 weight + 4 B grad + 8 B AdamW per trainable, the compute dtype when frozen
+    assert mem["weights_bytes"] == 4 * n_train + 2 * (total - n_train)
+    assert mem["grads_bytes"] == 4 * n_train
+    assert mem["optimizer_bytes"] == 8 * n_train + 4 * n_tensors
+    assert mem["total_bytes"] == 16 * n_train + 4 * n_tensors + 2 * (total - n_train)
+    assert mem["weights_bytes"] + mem["grads_bytes"] + mem["optimizer_bytes"] == mem["total_bytes"]
     fp32 = plan.summary(precision="fp32")["memory"]
-    assert fp32["total_bytes"] == 16 * n_train + 4 * (total - n_train)
+    assert fp32["total_bytes"] == 16 * n_train + 4 * n_tensors + 4 * (total - n_train)
     assert sum(e["params"] for e in summary["parts"].values()) == total
     assert sum(e["trainable"] for e in summary["parts"].values()) == n_train
 
@@ -676,7 +681,8 @@ def test_memory_estimate_with_lora():
     plan = build_plan(build_preset("tiny-llava"), {"name": "B"})
     total = sum(p.numel() for p in plan.model.parameters())  # LoRA adapters included
     n_train = sum(trainable(plan.model).values())
-    assert plan.summary()["memory"]["total_bytes"] == 16 * n_train + 2 * (total - n_train)
+    n_tensors = sum(1 for p in plan.model.parameters() if p.requires_grad)
+    assert plan.summary()["memory"]["total_bytes"] == 16 * n_train + 4 * n_tensors + 2 * (total - n_train)
 
 
 def test_memory_estimate_progressive_counts_what_the_optimizer_holds(models):
@@ -685,4 +691,9 @@ def test_memory_estimate_progressive_counts_what_the_optimizer_holds(models):
     total = sum(p.numel() for p in model.parameters())
     held = sum(p.numel() for g in plan.param_groups() for p in g["params"])
     assert held == total
-    assert plan.summary(epoch=1)["memory"]["total_bytes"] == 16 * held + 2 * (total - held)
+    now = sum(p.numel() for p in model.parameters() if p.requires_grad)  # epoch 1: the top block + head
+    tensors = sum(1 for p in model.parameters() if p.requires_grad)
+    mem = plan.summary(epoch=1)["memory"]
+    assert now < held
+    assert mem["weights_bytes"] == 4 * held  # whatever will thaw is fp32 from the start
+    assert (mem["grads_bytes"], mem["optimizer_bytes"]) == (4 * now, 8 * now + 4 * tensors)
