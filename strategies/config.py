@@ -54,7 +54,8 @@ class StrategyConfig:
     name: str = _f("full", "strategy: full, feature_extraction, top_k, progressive, importance_top_k, "
                            "connector_only (A), connector_llm_lora (B), all_lora (C), vision_frozen_llm_full (D)")
     lr: float = _f(2e-5, "base learning rate: text models, and any part LR left unset")
-    vision_lr: float | None = _f(None, "learning rate of the vision encoder (default: lr)")
+    vision_lr: float | None = _f(None, "learning rate of the vision encoder (and of a video or audio encoder; "
+                                       "default: lr)")
     connector_lr: float | None = _f(None, "learning rate of the connector/projector (default: lr)")
     llm_lr: float | None = _f(None, "learning rate of the language model and head (default: lr)")
     layer_decay: float = _f(1.0, "discriminative LR: block l gets lr * decay**(L-1-l); in (0, 1], 1 = off")

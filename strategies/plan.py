@@ -21,7 +21,7 @@ from torch import nn
 from strategies.config import StrategyConfig, StrategyConfigError
 from strategies.lora import lora_target_modules
 from strategies.memory import estimate_activations, estimate_memory
-from strategies.parts import PART_NAMES, ModelParts, find_parts, part_of_unit, unit_sort_key, unwrap
+from strategies.parts import ENCODER_PARTS, PART_NAMES, ModelParts, find_parts, part_of_unit, unit_sort_key, unwrap
 from strategies.registry import Strategy, get_strategy, trainable_units
 
 
@@ -87,15 +87,15 @@ class Plan:
         lrs, decay = self.config.part_lrs, self.config.layer_decay
         bits = unit.split(".")
         part = bits[0]
-        if part == "vision":
-            base, depth = lrs["vision"], self.parts.num_vision_layers
+        if part in ENCODER_PARTS:  # every encoder (image, video, audio) takes the encoder LR, vision_lr
+            base, depth = lrs["vision"], len(self.parts.encoder_blocks.get(part, [])) or self.parts.num_vision_layers
         elif part in ("language", "embeddings", "head"):
             base, depth = lrs["language"], self.parts.num_layers
         else:
             return lrs[part if part in lrs else "other"]
         if len(bits) == 3:  # x.block.i
             return base * decay ** (depth - 1 - int(bits[2]))
-        if unit in ("embeddings", "vision.embeddings"):
+        if unit == "embeddings" or unit.endswith(".embeddings"):
             return base * decay**depth
         return base  # final norms and head sit on top
 

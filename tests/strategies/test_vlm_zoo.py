@@ -584,6 +584,16 @@ def test_full_trains_every_encoder():
                                                                      "vision": ["model.image_tower"]}
 
 
+def test_every_encoder_takes_the_encoder_lr_with_discriminative_decay():
+    """vision_lr is the encoders' LR: a video (or audio) encoder's blocks get it too, decayed per block."""
+    plan = _plan("video_llava", {"name": "full", "lr": 1e-4, "vision_lr": 1e-6, "layer_decay": 0.5})
+    video = len(plan.parts.encoder_blocks["video"])
+    assert plan.unit_lr(f"video.block.{video - 1}") == pytest.approx(1e-6)  # the top block: vision_lr itself
+    assert plan.unit_lr("video.block.0") == pytest.approx(1e-6 * 0.5 ** (video - 1))
+    assert plan.unit_lr("video.embeddings") == pytest.approx(1e-6 * 0.5 ** video)
+    assert plan.unit_lr("vision.block.0") == plan.unit_lr("video.block.0")  # same depth, same rule
+
+
 @pytest.mark.parametrize("model_type,part", [("qwen2_5_omni_thinker", "audio"), ("video_llava", "video")])
 def test_all_lora_asks_for_strategy_parts(model_type, part):
     with pytest.raises(StrategyConfigError) as err:
