@@ -201,9 +201,8 @@ def meta_model(spec: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     if spec in presets.PRESETS:
-        make_config, model_cls = presets.PRESETS[spec]
         with torch.device("meta"):
-            return model_cls(make_config())
+            return presets.build_preset(spec, seed=None)
     config = _from_pretrained(AutoConfig, spec, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         return _model_class(config).from_config(config, trust_remote_code=trust_remote_code)

@@ -94,15 +94,17 @@ def tiny_idefics3() -> tf.PretrainedConfig:
     )
 
 
-PRESETS: dict[str, tuple[Callable[[], tf.PretrainedConfig], type]] = {
-    "tiny-llama": (tiny_llama, tf.LlamaForCausalLM),
-    "tiny-qwen2": (tiny_qwen2, tf.Qwen2ForCausalLM),
-    "tiny-mistral": (tiny_mistral, tf.MistralForCausalLM),
-    "tiny-gpt2": (tiny_gpt2, tf.GPT2LMHeadModel),
-    "tiny-bert": (tiny_bert, tf.BertForSequenceClassification),
-    "tiny-llava": (tiny_llava, tf.LlavaForConditionalGeneration),
-    "tiny-qwen2-vl": (tiny_qwen2_vl, tf.Qwen2VLForConditionalGeneration),
-    "tiny-idefics3": (tiny_idefics3, tf.Idefics3ForConditionalGeneration),
+# name -> (config, transformers class name): a class is looked up only when that preset is built, so
+# importing this module does not import the 8 model families' code (seconds: `freezetune plan` needs none)
+PRESETS: dict[str, tuple[Callable[[], tf.PretrainedConfig], str]] = {
+    "tiny-llama": (tiny_llama, "LlamaForCausalLM"),
+    "tiny-qwen2": (tiny_qwen2, "Qwen2ForCausalLM"),
+    "tiny-mistral": (tiny_mistral, "MistralForCausalLM"),
+    "tiny-gpt2": (tiny_gpt2, "GPT2LMHeadModel"),
+    "tiny-bert": (tiny_bert, "BertForSequenceClassification"),
+    "tiny-llava": (tiny_llava, "LlavaForConditionalGeneration"),
+    "tiny-qwen2-vl": (tiny_qwen2_vl, "Qwen2VLForConditionalGeneration"),
+    "tiny-idefics3": (tiny_idefics3, "Idefics3ForConditionalGeneration"),
 }
 
 
@@ -112,7 +114,7 @@ def build_preset(name: str, seed: int | None = 0):
 
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; built-in presets: {', '.join(PRESETS)}")
-    make_config, model_cls = PRESETS[name]
+    make_config, class_name = PRESETS[name]
     if seed is not None:
         torch.manual_seed(seed)
-    return model_cls(make_config())
+    return getattr(tf, class_name)(make_config())
