@@ -8,13 +8,13 @@ are counted from the module objects, never from ``find_parts`` itself.
 
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
 import transformers as tf
 from torch import nn
 
+from layout_units import _under, expected_unit
 from pipelines.models.presets import PRESETS, _llama_text, build_preset, tiny_llama
 from strategies import ModelStructureError, PartsOverride, build_plan, find_parts
 
@@ -63,36 +63,6 @@ VLM = ["tiny-llava", "tiny-qwen2-vl", "tiny-idefics3"]
 assert set(LAYOUTS) == set(PRESETS), "a preset was added: give it a layout here"
 
 VISION_ROOT = {"tiny-llava": "model.vision_tower", "tiny-qwen2-vl": "model.visual", "tiny-idefics3": "model.vision_model"}
-
-
-def _under(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
-def expected_unit(name: str, lay: dict, prefix: str = "") -> str | None:
-    """The unit a parameter should land in, from module paths alone."""
-    assert name.startswith(prefix), name
-    n = name[len(prefix):]
-    if any(_under(n, p) for p in lay["head"]):
-        return "head"
-    if any(_under(n, p) for p in lay["connector"]):
-        return "connector"
-    if lay["vision_blocks"]:
-        m = re.match(re.escape(lay["vision_blocks"]) + r"\.(\d+)\.", n)
-        if m:
-            return f"vision.block.{m.group(1)}"
-        if any(_under(n, p) for p in lay["vision_embeddings"]):
-            return "vision.embeddings"
-        if any(_under(n, p) for p in lay["vision_norm"]):
-            return "vision.norm"
-    m = re.match(re.escape(lay["blocks"]) + r"\.(\d+)\.", n)
-    if m:
-        return f"language.block.{m.group(1)}"
-    if any(_under(n, p) for p in lay["embeddings"]):
-        return "embeddings"
-    if any(_under(n, p) for p in lay["norm"]):
-        return "language.norm"
-    return None
 
 
 def numel_of(model: nn.Module, paths) -> int:

@@ -16,6 +16,7 @@ import torch
 import transformers as tf
 from torch import nn
 
+from layout_units import expected_unit
 from pipelines.models.presets import PRESETS, build_preset, tiny_llama
 from strategies import STRATEGIES, StrategyConfig, StrategyConfigError, build_plan, get_strategy
 
@@ -67,33 +68,11 @@ PEFT_PREFIX = "base_model.model."
 ATTN_LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "qkv", "proj"}
 
 
-def _under(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
 def unit(name: str, lay: dict) -> str:
     """The unit of a parameter name from module paths (PEFT prefix and LoRA adapters allowed)."""
-    n = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-    if any(_under(n, p) for p in lay["head"]):
-        return "head"
-    if any(_under(n, p) for p in lay["connector"]):
-        return "connector"
-    if lay["vision_blocks"]:
-        m = re.match(re.escape(lay["vision_blocks"]) + r"\.(\d+)\.", n)
-        if m:
-            return f"vision.block.{m.group(1)}"
-        if any(_under(n, p) for p in lay["vision_embeddings"]):
-            return "vision.embeddings"
-        if any(_under(n, p) for p in lay["vision_norm"]):
-            return "vision.norm"
-    m = re.match(re.escape(lay["blocks"]) + r"\.(\d+)\.", n)
-    if m:
-        return f"language.block.{m.group(1)}"
-    if any(_under(n, p) for p in lay["embeddings"]):
-        return "embeddings"
-    if any(_under(n, p) for p in lay["norm"]):
-        return "language.norm"
-    raise AssertionError(f"{name}: not in the layout")
+    found = expected_unit(name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name, lay)
+    assert found is not None, f"{name}: not in the layout"
+    return found
 
 
 def numel_of(model: nn.Module, paths) -> int:
