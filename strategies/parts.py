@@ -302,6 +302,7 @@ class _Tree:
             for leaf, p in module.named_parameters(recurse=False):
                 self.owner[f"{path}.{leaf}" if path else leaf] = module
         self.list_kind: dict[str, str] = {}
+        self.overrides: list[tuple[str, str]] = []  # (parts-override field, the path it resolved to)
 
     def path(self, module: nn.Module) -> str:
         return self.path_of[id(module)]
@@ -317,7 +318,19 @@ class _Tree:
                 f"parts override `{field_name}: {dotted}`: no such module in {type(inner).__name__} ({err}). "
                 "Use a path printed by `print(model)` / `model.named_modules()`."
             ) from None
-        return self.path(module)
+        if field_name.endswith("_blocks") and not (isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module)):
+            raise ModelStructureError(
+                f"parts override `{field_name}: {dotted}`: a {type(module).__name__}, not a list of blocks; give the "
+                "ModuleList that holds the blocks (e.g. model.layers), as `print(model)` shows it.")
+        path = self.path(module)
+        for other_field, other in self.overrides:
+            nested = other_field in _NESTING.get(field_name, ()) or field_name in _NESTING.get(other_field, ())
+            if not nested and (_under(path, other) or _under(other, path)):
+                raise ModelStructureError(
+                    f"parts overrides `{other_field}: {other}` and `{field_name}: {dotted}` overlap (one holds the "
+                    "other); a module belongs to one part: give each part its own module.")
+        self.overrides.append((field_name, path))
+        return path
 
     def block_lists(self) -> list[str]:
         """Top-level block lists (not nested inside another block list), in registration order."""
@@ -391,6 +404,10 @@ class _Stack:
     connector_lists: list[str] = field(default_factory=list)
     part: str = "connector"  # an encoder part name, "connector" or "other"
     blocks: list[str] = field(default_factory=list)
+
+
+# parts-override fields that may hold each other: a stack's root holds its block list
+_NESTING = {"language": ("language_blocks",), "vision": ("vision_blocks",)}
 
 
 def find_parts(model: nn.Module, override: PartsOverride | dict | None = None) -> ModelParts:

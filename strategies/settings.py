@@ -11,11 +11,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
+import math
 import types
 import typing
 from typing import Any, Iterable
 
 from strategies.errors import SettingsError
+
+
+MAX_INT = 2**53  # beyond it an int64 counter or a float conversion goes wrong silently
 
 
 def setting(default, help: str, **kw):
@@ -55,7 +60,7 @@ def from_dict(cls, data: Any, where: str, error: type[Exception] = SettingsError
     unknown = [k for k in data if k not in known]
     if unknown:
         raise unknown_keys_error(where, unknown, known, error)
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     kwargs = {key: _coerce(hints[key], value, f"{where}.{key}", error) for key, value in data.items()}
     try:
         obj = cls(**kwargs)
@@ -64,6 +69,12 @@ def from_dict(cls, data: Any, where: str, error: type[Exception] = SettingsError
     if hasattr(obj, "validate"):
         obj.validate(where)
     return obj
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls) -> dict:
+    """The resolved field types of a settings class (resolving them is most of a config load's cost)."""
+    return typing.get_type_hints(cls)
 
 
 def _coerce(tp, value, where: str, error):
@@ -86,14 +97,22 @@ def _coerce(tp, value, where: str, error):
     if tp is float:
         if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond float range
+                number = math.inf
+            if not math.isfinite(number):  # NaN passes every `x < 0` check below it: refuse it here, once
+                raise error(f"{where} = {value!r}: must be a finite number.")
+            return number
         raise error(f"{where} = {value!r}: expected a number.")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_INT:  # would overflow a tensor or a C long far from here, without a field name
+                raise error(f"{where} = {value}: must be at most {MAX_INT} in size; use a smaller value.")
             return value
         raise error(f"{where} = {value!r}: expected an integer.")
     if tp is bool:

@@ -26,7 +26,8 @@ COMMANDS = {  # name -> module (order = order in --help)
 }
 PLUGIN_GROUP = "freezetune.commands"
 
-# Errors whose message already says what to do: printed as one line (FREEZETUNE_DEBUG=1 shows the traceback).
+# Errors whose message already says what to do: printed as one line (--debug or FREEZETUNE_DEBUG=1 shows the
+# traceback). Anything else is a bug and keeps its traceback.
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
 
 
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freezetune", description="Ray distributed tuning service: which parts of a "
                                      "transformers model to fine-tune, and at which learning rates",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error "
+                        "(also FREEZETUNE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in command_modules().items():
         p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP))
@@ -52,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes: not the user's to act on
     args = build_parser().parse_args(argv)
+    if args.debug:
+        os.environ["FREEZETUNE_DEBUG"] = "1"  # read where the error is printed (and by Ray workers' logs)
     return args._command(args)
 
 

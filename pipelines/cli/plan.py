@@ -23,6 +23,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 def activation_options(args: argparse.Namespace) -> dict:
     if (args.batch_size is None) != (args.length is None):
         raise ValueError("--batch-size and --length go together: give both for the activation estimate, or neither.")
+    for flag, value in (("--batch-size", args.batch_size), ("--length", args.length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be >= 1, e.g. {flag} 8.")
     return {"batch": args.batch_size, "length": args.length, "checkpointing": args.activation_checkpointing}
 
 
@@ -36,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipelines.reporting import plan_view  # lazy: loads model code; keeps freezetune --help fast
 
+    if args.epoch < 1:
+        raise ValueError(f"--epoch {args.epoch}: epochs count from 1; use --epoch 1 for the first epoch.")
     summary = plan_view.plan_summary(args.model, strategy_from_args(args), args.epoch, args.precision,
                                      args.trust_remote_code, **activation_options(args))
     print(json.dumps(summary) if args.json else plan_view.render_plan(summary))

@@ -27,6 +27,8 @@ class DataConfig:
     image_root: str | None = _f(None, "folder that relative image paths start from (default: the data file's folder)")
     cache_dir: str | None = _f(None, "where tokenised data is cached (default: <cache_dir>/data)")
     max_samples: int | None = _f(None, "use at most this many records of each file (quick runs)")
+    max_record_mb: float = _f(8.0, "largest record (one JSONL line or parquet row) accepted, in MB; a larger one "
+                                   "is refused before any tokenisation (long texts are cut to max_length anyway)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str = "data") -> "DataConfig":
@@ -43,6 +45,9 @@ class DataConfig:
                 raise DataError(f"{where}.{name} is empty: give the path of a .jsonl or .parquet file.")
             if is_uri(value):  # demo:..., s3://...: checked once resolved, before any tokenisation
                 continue
+            if Path(value).is_dir():
+                raise DataError(f"{where}.{name} = {value!r} is a folder; give the path of a .jsonl or .parquet "
+                                "file in it.")
             if Path(value).suffix.lower() not in SUFFIXES:
                 raise DataError(f"{where}.{name} = {value!r}: use a .jsonl or .parquet file.")
             if not Path(value).is_file():
@@ -54,6 +59,8 @@ class DataConfig:
             raise DataError(f"{where}.max_length = {self.max_length}: use at least 8 tokens, e.g. 128 (image-text data needs room for the image tokens too).")
         if self.max_samples is not None and self.max_samples < 1:
             raise DataError(f"{where}.max_samples = {self.max_samples}: use a positive number, or leave it unset for all records.")
+        if self.max_record_mb <= 0:
+            raise DataError(f"{where}.max_record_mb = {self.max_record_mb}: must be > 0, e.g. 8.")
         if self.image_root is not None and not Path(self.image_root).is_dir():
             raise DataError(f"{where}.image_root = {self.image_root!r}: no such folder.")
         return self

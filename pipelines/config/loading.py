@@ -25,23 +25,51 @@ def from_dict(cls, data: Any, where: str):
     return _from_dict(cls, data, where, ConfigError)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key `{key}` (first on line {seen[key] + 1}); remove one of them",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; syntax errors name the file and line."""
+    """Read a YAML mapping; syntax errors and duplicate keys name the file and line."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; give the path of a YAML file in it.")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; check the path (relative to {os.getcwd()}).")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(_read_text(path), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(err, "problem", None) or str(err)
+        if problem.startswith("duplicate key"):
+            raise ConfigError(f"{where}: {problem}.") from None
         raise ConfigError(f"{where}: malformed YAML: {problem}. Fix the syntax on that line.") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys (model:, strategy:, data:, ...).")
     return data
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {err.object[err.start]:#x}); fix the encoding: "
+                          "save the file as UTF-8.") from None
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

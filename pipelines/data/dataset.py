@@ -15,6 +15,7 @@ no loss is taken; a 0-d class id for classification) and, for images, ``pixel_va
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ import torch
 
 from pipelines.config import paths
 from pipelines.config.data import DataConfig, DataError
+from pipelines.data import storage
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,9 @@ class _Record:
     image: Path | None = None
 
 
-def _read_rows(path: Path) -> list[tuple[str, Any]]:
-    """Returns (location, raw row) pairs; JSON is parsed here so a bad line fails early."""
+def _read_rows(path: Path, max_record_bytes: int) -> list[tuple[str, Any]]:
+    """Returns (location, raw row) pairs; JSON is parsed here so a bad line fails early, and a line over
+    ``max_record_bytes`` fails before it costs anything (a 50 MB line would take minutes to tokenise)."""
     if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
@@ -63,8 +66,16 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
             raise DataError(f"{path}: not a readable parquet file ({err}).") from err
         return [(f"{path}, row {i}", row) for i, row in enumerate(rows, 1)]
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            if len(raw) > max_record_bytes:
+                raise DataError(f"{path}, line {n}: a {len(raw) / 1e6:.1f} MB record, over data.max_record_mb = "
+                                f"{max_record_bytes / 1e6:g}; split or shorten it, or raise data.max_record_mb.")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}, line {n}: not UTF-8 (byte {raw[err.start]:#x} at column {err.start + 1}); "
+                                "save the file as UTF-8 or fix that line.") from None
             if not line.strip():
                 continue
             try:
@@ -85,11 +96,38 @@ def _kind_of(row: Any) -> str | None:
     return None
 
 
-def _check_types(where: str, kind: str, row: dict) -> None:
+@dataclass(frozen=True)
+class Head:
+    """What the model learns the data with: a language-model head (``num_labels`` None) or a classifier."""
+
+    num_labels: int | None = None
+
+    @property
+    def classifies(self) -> bool:
+        return self.num_labels is not None
+
+
+def _check_types(where: str, kind: str, row: dict, head: Head | None) -> None:
     for key in KINDS[kind]:
         want = int if key == "label" else str
         if not isinstance(row[key], want) or isinstance(row[key], bool):
             raise DataError(f"{where}: `{key}` must be a {want.__name__}, got {type(row[key]).__name__}.")
+    if kind == "classification":
+        classes = head.num_labels if head is not None and head.classifies else 2**31
+        if not 0 <= row["label"] < classes:
+            raise DataError(f"{where}: label {row['label']} is not a class of the model (its head has {classes} "
+                            f"labels: 0..{classes - 1}); fix the label, or set num_labels in the model's config.")
+
+
+def _check_head(where: str, kind: str, head: Head | None) -> None:
+    """Classification records need a classifier, every other shape a language-model head."""
+    if head is None or (kind == "classification") == head.classifies:
+        return
+    if head.classifies:
+        raise DataError(f"{where}: a {kind} record, but the model is a sequence classifier ({head.num_labels} "
+                        "labels); use {\"text\", \"label\"} records, or a causal LM / VLM for this data.")
+    raise DataError(f"{where}: a classification record ({{\"text\", \"label\"}}), but the model has a language-model "
+                    "head; use a sequence classifier (e.g. the tiny-bert preset), or text / prompt-completion records.")
 
 
 def _image_path(where: str, raw: str, root: Path) -> Path:
@@ -105,23 +143,25 @@ def _check_image_header(rec: "_Record") -> None:
     try:
         with Image.open(rec.image) as img:  # reads the header only: cheap, catches non-images
             img.size
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
         raise DataError(f"{rec.where}: image `{rec.data['image']}` ({rec.image}) cannot be read as an image ({err}); "
                         "replace the file or fix the path on that line.") from err
 
 
 def read_records(path: str | Path, image_root: str | Path | None = None, max_samples: int | None = None,
-                 image_token: str | None = None, check_image_headers: bool = True) -> list[_Record]:
+                 image_token: str | None = None, check_image_headers: bool = True, head: Head | None = None,
+                 max_record_bytes: int = 8_000_000) -> list[_Record]:
     """Returns the checked records of one file (no tokenisation).
 
     Raises ``DataError`` for malformed JSON, an unknown or mixed record shape, a missing or
-    unreadable image, a prompt without ``image_token``, or an empty file. Without
+    unreadable image, a prompt without ``image_token``, a record the model's ``head`` cannot learn from
+    (a label outside it), a record over ``max_record_bytes``, or an empty file. Without
     ``check_image_headers`` images are only checked to exist (a cache hit needs no more: the
     cache key holds every image's size and mtime, and they were read when it was written).
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
-    rows = _read_rows(path)
+    rows = _read_rows(path, max_record_bytes)
     if max_samples is not None:
         rows = rows[:max_samples]
     if not rows:
@@ -138,9 +178,10 @@ def read_records(path: str | Path, image_root: str | Path | None = None, max_sam
             )
         if file_kind is None:
             file_kind, first_where = kind, where
+            _check_head(where, kind, head)
         elif kind != file_kind:
             raise DataError(f"{where}: a {kind} record, but {first_where} is {file_kind}; one file holds one format.")
-        _check_types(where, kind, row)
+        _check_types(where, kind, row, head)
         image = None
         if kind == "image":
             if image_token is None:
@@ -180,8 +221,18 @@ def pad_token_id(processor) -> int:
     return 0
 
 
-def _encode(tok, text: str, specials: bool) -> list[int]:
-    return list(tok(text, add_special_tokens=specials)["input_ids"])
+def _encode(tok, text: str, specials: bool, max_length: int) -> list[int]:
+    """The token ids of ``text``; only as much of a long text is tokenised as ``max_length`` can use.
+
+    A prefix of a text tokenises to a prefix of its tokens except near the cut, so a prefix that gives
+    comfortably more than ``max_length`` tokens gives the same first ``max_length`` (a book-length record
+    costs milliseconds, not minutes and gigabytes)."""
+    chars = max(4096, 16 * max_length)
+    while True:
+        ids = list(tok(text[:chars], add_special_tokens=specials)["input_ids"])
+        if chars >= len(text) or len(ids) > max_length + 16:
+            return ids
+        chars *= 4
 
 
 def _tokenize(rec: _Record, processor, max_length: int) -> dict[str, torch.Tensor] | None:
@@ -190,20 +241,21 @@ def _tokenize(rec: _Record, processor, max_length: int) -> dict[str, torch.Tenso
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     extra = {}
     if rec.kind == "classification":
-        ids = _encode(tok, rec.data["text"], True)[:max_length]
+        ids = _encode(tok, rec.data["text"], True, max_length)[:max_length]
         return {"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long),
                 "labels": torch.tensor(rec.data["label"])}
     if rec.kind == "text":
-        prompt, target = [], _encode(tok, rec.data["text"], True) + eos
+        prompt, target = [], _encode(tok, rec.data["text"], True, max_length) + eos
     elif rec.kind == "prompt_completion":
-        prompt, target = _encode(tok, rec.data["prompt"], True), _encode(tok, rec.data["completion"], False) + eos
+        prompt = _encode(tok, rec.data["prompt"], True, max_length)
+        target = _encode(tok, rec.data["completion"], False, max_length) + eos
     else:  # image: the processor expands the image token to as many slots as the model has image features
         from PIL import Image
 
         with Image.open(rec.image) as img:
             out = processor(images=[img.convert("RGB")], text=[rec.data["prompt"]], return_tensors="pt")
         prompt = out["input_ids"][0].tolist()
-        target = _encode(tok, rec.data["response"], False) + eos
+        target = _encode(tok, rec.data["response"], False, max_length) + eos
         if len(prompt) >= max_length:
             raise DataError(f"{rec.where}: the prompt with its image takes {len(prompt)} tokens, max_length is "
                             f"{max_length}; raise data.max_length (cutting image tokens would break the model).")
@@ -251,15 +303,20 @@ def default_cache_dir() -> Path:
     return paths.cache_root() / "data"
 
 
-def cache_path(cfg: DataConfig, path: str | Path, processor) -> Path:
-    """Returns the cache file that holds ``path`` tokenised with ``processor`` under ``cfg``."""
-    records = read_records(path, cfg.image_root, cfg.max_samples, _image_token(processor), check_image_headers=False)
+def cache_path(cfg: DataConfig, path: str | Path, processor) -> Path | str:
+    """Returns the cache file that holds ``path`` tokenised with ``processor`` under ``cfg`` (a URI, as a
+    string, when ``cfg.cache_dir`` is one: s3://bucket/cache/...)."""
+    records = read_records(path, cfg.image_root, cfg.max_samples, _image_token(processor), check_image_headers=False,
+                           max_record_bytes=_record_bytes(cfg))
     return _cache_file(cfg, Path(path), records, processor)
 
 
-def _cache_file(cfg: DataConfig, path: Path, records: list[_Record], processor) -> Path:
+def _cache_file(cfg: DataConfig, path: Path, records: list[_Record], processor) -> Path | str:
+    name = f"{path.stem}-{_cache_key(path, records, processor, cfg.max_length, cfg.max_samples)[:20]}.pt"
+    if cfg.cache_dir and paths.is_uri(cfg.cache_dir):  # s3://..., gs://...: read and written through pyarrow
+        return storage.join(cfg.cache_dir, name)
     root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    return root / f"{path.stem}-{_cache_key(path, records, processor, cfg.max_length, cfg.max_samples)[:20]}.pt"
+    return root / name
 
 
 def _pack(examples: list[dict]) -> dict:
@@ -287,12 +344,14 @@ def _unpack(packed: dict) -> list[dict]:
     return [{k: col[i] for k, col in columns.items()} for i in range(packed["count"])]
 
 
-def _read_cache(target: Path, path: Path) -> list[dict] | None:
+def _read_cache(target: Path | str, path: Path) -> list[dict] | None:
     """The cached examples of ``path``, or None when there is no usable cache file."""
-    if not target.is_file():
+    remote = isinstance(target, str)  # a URI (_cache_file)
+    if not (storage.is_file(target) if remote else target.is_file()):
         return None
     try:
-        examples = _unpack(torch.load(target, weights_only=True))
+        source = io.BytesIO(storage.read_bytes(target)) if remote else target
+        examples = _unpack(torch.load(source, weights_only=True))
     except Exception as err:  # a corrupt cache is rebuilt, never trusted
         log.warning("data cache %s unreadable (%s); tokenising again", target, err)
         return None
@@ -301,7 +360,8 @@ def _read_cache(target: Path, path: Path) -> list[dict] | None:
     return examples
 
 
-def _tokenize_into_cache(cfg: DataConfig, path: Path, records: list[_Record], processor, target: Path) -> list[dict]:
+def _tokenize_into_cache(cfg: DataConfig, path: Path, records: list[_Record], processor,
+                         target: Path | str) -> list[dict]:
     examples = [ex for ex in (_tokenize(r, processor, cfg.max_length) for r in records) if ex is not None]
     dropped = len(records) - len(examples)
     if dropped:
@@ -310,6 +370,12 @@ def _tokenize_into_cache(cfg: DataConfig, path: Path, records: list[_Record], pr
     if not examples:
         raise DataError(f"{path}: no usable examples (empty dataset after truncation to max_length={cfg.max_length}).")
     cache_stats["tokenized_files"] += 1
+    if isinstance(target, str):  # a URI: one whole object, never half of one (storage.write_bytes)
+        buffer = io.BytesIO()
+        torch.save(_pack(examples), buffer)
+        storage.write_bytes(target, buffer.getvalue())
+        log.info("data %s: tokenised %d examples into %s", path, len(examples), target)
+        return examples
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=target.parent)
     os.close(fd)
@@ -324,17 +390,22 @@ def _tokenize_into_cache(cfg: DataConfig, path: Path, records: list[_Record], pr
 
 
 # ---------------------------------------------------------------- datasets
-def load_datasets(cfg: DataConfig, processor, seed: int) -> tuple[list[dict], list[dict]]:
+def _record_bytes(cfg: DataConfig) -> int:
+    return int(cfg.max_record_mb * 1e6)
+
+
+def load_datasets(cfg: DataConfig, processor, seed: int, head: Head | None = None) -> tuple[list[dict], list[dict]]:
     """Returns (train, eval) lists of examples (dicts of tensors).
 
-    Both files are read and checked before anything is tokenised. Without ``cfg.eval``,
+    Both files are read and checked (against the model's ``head`` when given) before anything is
+    tokenised. Without ``cfg.eval``,
     a seeded shuffle holds out ``eval_fraction`` of train (eval is ``[]`` when it is 0).
     """
     cfg.validate()
     image_token = _image_token(processor)
     files = [Path(cfg.train)] + ([Path(cfg.eval)] if cfg.eval else [])
-    checked = [read_records(f, cfg.image_root, cfg.max_samples, image_token, check_image_headers=False)
-               for f in files]
+    checked = [read_records(f, cfg.image_root, cfg.max_samples, image_token, check_image_headers=False, head=head,
+                            max_record_bytes=_record_bytes(cfg)) for f in files]
     targets = [_cache_file(cfg, f, recs, processor) for f, recs in zip(files, checked)]
     cached = [_read_cache(t, f) for t, f in zip(targets, files)]
     for recs, hit in zip(checked, cached):

@@ -13,11 +13,15 @@ import os
 import time
 from types import SimpleNamespace
 
-from ray.train import UserCallback
+from ray.train import Checkpoint, UserCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune import Callback as TuneCallback
 
 from pipelines import tracking
+from pipelines.config.metrics import EVERY_EPOCH_METRIC
+from pipelines.data import storage as storage_fs
 from pipelines.jobs.importance import log_trial_importance
+from pipelines.jobs.model_logging import log_trained_model
 from pipelines.jobs.sweep_plan import TRIAL_KEY_TAG, trial_config, trial_settings, used_params
 from pipelines.tracking import MlflowRun
 
@@ -27,9 +31,10 @@ log = logging.getLogger("freezetune.mlflow")
 class TrainEpochLogger(UserCallback):
     """After each epoch report: the metrics of rank 0 (already all-reduced) and the nodes that ran it."""
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    def __init__(self, tracking_uri: str, run_id: str, storage: str | None = None):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.storage = storage  # the run's storage_path: a checkpoint's path on it, as a URI for the tags
         self.logged_epoch: int | None = None  # read from MLflow on first use (a resumed run has history)
         self.pending: list[tuple[int, dict]] = []
 
@@ -38,11 +43,14 @@ class TrainEpochLogger(UserCallback):
             return
         first = metrics[0]
         nodes = sorted({m.get("node_id") for m in metrics if m.get("node_id")})
-        self.pending.append((int(first.get("epoch", 0)), first, nodes, checkpoint.path if checkpoint else None))
+        where = None
+        if checkpoint:
+            where = storage_fs.uri_of(self.storage, checkpoint.path) if self.storage else checkpoint.path
+        self.pending.append((int(first.get("epoch", 0)), first, nodes, where))
         try:  # MLflow away: keep the epochs and deliver them with the next report; training goes on
             with tracking.attempts(2):
                 if self.logged_epoch is None:
-                    history = tracking.metric_history(self.tracking_uri, self.run_id, "eval_loss")
+                    history = tracking.metric_history(self.tracking_uri, self.run_id, EVERY_EPOCH_METRIC)
                     self.logged_epoch = max((step for step, _ in history), default=0)
                 while self.pending:
                     epoch, values, nodes, ckpt = self.pending[0]
@@ -74,6 +82,8 @@ class SweepMlflowCallback(TuneCallback):
         self.epochs = epochs
         self._runs: dict[str, MlflowRun] = {}
         self._logged_epoch: dict[str, int] = {}
+        self._trial_epochs: dict[str, int] = {}
+        self._trial_cfg: dict = {}  # trial id -> its RunConfig
         self._outbox: list[tuple] = []  # (write, args) kept while MLflow is unreachable
 
     def _child(self, trial) -> MlflowRun:
@@ -81,14 +91,16 @@ class SweepMlflowCallback(TuneCallback):
             return self._runs[trial.trial_id]
         overrides, seed_index = trial_settings(trial.config, self.plan.configs)
         cfg = trial_config(self.plan, overrides, seed_index)
+        self._trial_cfg[trial.trial_id] = cfg
         run = MlflowRun.start_or_resume(
             self.uri, self.experiment, f"{cfg.strategy.name}-{trial.trial_id}", TRIAL_KEY_TAG,
-            f"{self.sweep_dir}/{trial.trial_id}", resume=True, parent_run_id=self.parent_run_id,
+            storage_fs.join(self.sweep_dir, trial.trial_id), resume=True, parent_run_id=self.parent_run_id,
             tags={"trial_id": trial.trial_id, "strategy": cfg.strategy.name, "model": cfg.model})
         if not run.resumed:
             run.log_params({**used_params(cfg, self.plan.is_vlm), "trial_id": trial.trial_id,
                             "sampled": json.dumps(overrides, default=str)})
-        history = tracking.metric_history(self.uri, run.run_id, "eval_loss")
+        self._trial_epochs[trial.trial_id] = cfg.train.epochs  # a searched train.epochs differs per trial
+        history = tracking.metric_history(self.uri, run.run_id, EVERY_EPOCH_METRIC)
         self._logged_epoch[trial.trial_id] = max((step for step, _ in history), default=0)
         self._runs[trial.trial_id] = run
         return run
@@ -173,14 +185,25 @@ class SweepMlflowCallback(TuneCallback):
     def _complete(self, trial) -> None:
         run = self._child(trial)
         last = self._logged_epoch.get(trial.trial_id, 0)
-        if last < self.epochs:
+        epochs = self._trial_epochs.get(trial.trial_id, self.epochs)
+        if last < epochs:
             run.set_tags({"outcome": "stopped_early",
-                          "stop_reason": f"stopped by the scheduler after epoch {last} of {self.epochs} "
+                          "stop_reason": f"stopped by the scheduler after epoch {last} of {epochs} "
                                          "(its metric was below the cut at that rung)"})
         else:
             run.set_tags({"outcome": "finished"})
-        log_trial_importance(self.uri, run.run_id, f"{self.sweep_dir}/trials/{trial.trial_id}")
+            self._log_model(trial, run)
+        log_trial_importance(self.uri, run.run_id, storage_fs.join(self.sweep_dir, "trials", trial.trial_id))
         run.end("FINISHED")
+
+    def _log_model(self, trial, run: MlflowRun) -> None:
+        """A finished trial's final model, from its last reported checkpoint (``train.log_model``)."""
+        cfg = self._trial_cfg.get(trial.trial_id)
+        path = (trial.last_result or {}).get(CHECKPOINT_PATH_KEY)
+        if cfg is None or not path:
+            return
+        location = storage_fs.uri_of(self.plan.base.resolved_storage_path, path)
+        log_trained_model(cfg, self.uri, run.run_id, Checkpoint(location), location)
 
     def _error(self, trial) -> None:
         run = self._child(trial)

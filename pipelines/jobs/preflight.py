@@ -13,11 +13,12 @@ from pathlib import Path
 
 from pipelines import tracking
 from pipelines.config.run import RunConfig
-from pipelines.data.dataset import load_datasets, shard
+from pipelines.data import storage as storage_fs
+from pipelines.data.dataset import Head, load_datasets, shard
 from pipelines.jobs import ray_env
 from pipelines.jobs.importance import apply_importance
 from pipelines.jobs.sources import resolve_data_sources, resolve_model, skeleton_plan
-from pipelines.models.loading import load_processor
+from pipelines.models.loading import check_weights, classifier_labels, load_processor, max_positions, read_config
 
 log = logging.getLogger("freezetune.preflight")
 
@@ -48,23 +49,46 @@ def prepare(cfg: RunConfig) -> Prepared:
                     "worker); only use it for sources you trust.", cfg.model)
     resolve_data_sources(cfg)
     model_path = resolve_model(cfg)
+    if Path(model_path).is_dir():
+        check_weights(model_path)  # a truncated download fails here, not in every worker
+    config = read_config(model_path, trust_remote_code=cfg.trust_remote_code)
+    check_length(cfg, config)
     apply_importance(cfg, model_path)  # importance_top_k: strategy.importance_from -> strategy.importance
     plan = skeleton_plan(model_path, cfg)
     processor = load_processor(model_path, trust_remote_code=cfg.trust_remote_code)
     # tokenise once here: the workers (and later trials) read the cache
-    train_set, eval_set = load_datasets(cfg.data, processor, seed=cfg.seed)
+    head = Head(classifier_labels(config))
+    train_set, eval_set = load_datasets(cfg.data, processor, seed=cfg.seed, head=head)
     per_worker = len(shard(train_set, 0, cfg.resources.num_workers))
     if per_worker == 0:
         raise ValueError(f"data.train: {len(train_set)} examples cannot feed {cfg.resources.num_workers} workers; "
                          "add data or lower resources.num_workers.")
+    if not eval_set:
+        log.warning("no eval data (data.eval_fraction = 0 and no data.eval): eval_loss is NaN every epoch, and a "
+                    "sweep cannot rank this run; give data.eval or data.eval_fraction > 0 to measure it.")
     steps = math.ceil(math.ceil(per_worker / cfg.train.batch_size) / cfg.train.grad_accum)
     summary = plan.summary(1, model_name=cfg.model, precision="fp32" if cfg.train.precision == "fp32" else "bf16")
     return Prepared(cfg, model_path, summary, steps, len(train_set), len(eval_set))
 
 
+def check_length(cfg: RunConfig, config) -> None:
+    """Examples longer than the model's positions index past its position table (or its RoPE range)."""
+    limit = max_positions(config)
+    if limit is not None and cfg.data.max_length > limit:
+        raise ValueError(f"data.max_length = {cfg.data.max_length}: the model has {limit} positions "
+                         f"(max_position_embeddings); lower data.max_length to at most {limit}.")
+
+
 def check_cluster_reach(cfg: RunConfig, model_path: str) -> None:
-    """Jobs must not depend on the submitting machine: on a multi-node cluster every node must see these."""
-    Path(cfg.resolved_storage_path).mkdir(parents=True, exist_ok=True)
+    """Jobs must not depend on the submitting machine: on a multi-node cluster every node must see these.
+
+    A URI storage_path (s3://..., gs://...) is created there, through pyarrow as Ray writes it, never as a
+    local folder: a missing bucket or refused credentials fail here, before Ray starts any worker."""
+    try:
+        storage_fs.mkdir(cfg.resolved_storage_path)
+    except OSError as err:
+        raise storage_fs.StorageError(f"storage_path = {cfg.resolved_storage_path}: cannot be created ({err}); check "
+                                   "the bucket exists and the credentials may write to it.") from None
     paths = {"storage_path": cfg.resolved_storage_path, "model": model_path if os.path.isdir(model_path) else "",
              "data.train": cfg.data.train, "data.eval": cfg.data.eval or ""}
     urls = {}
@@ -79,7 +103,7 @@ def check_cluster_reach(cfg: RunConfig, model_path: str) -> None:
 def fresh_name(storage: str, name: str) -> str:
     """Without --resume a rerun gets its own Ray storage folder (Ray would otherwise resume the old one)."""
     candidate, n = name, 1
-    while (Path(storage) / candidate).exists():
+    while storage_fs.exists(storage_fs.join(storage, candidate)):  # a folder, or a URI's prefix
         n += 1
         candidate = f"{name}-{n}"
     return candidate

@@ -1,21 +1,39 @@
 """A sweep before anything runs: the tune space loaded, every trial's config built and checked against the
-model (meta device), the random draws made up front. Shared by the Tune driver and its MLflow writer."""
+model (meta device), the random draws made up front. Shared by the Tune driver and its MLflow writer.
+
+Checking stays cheap for large sweeps (``MAX_TRIALS`` configurations in seconds, not one config build each): the
+strategy's non-numeric settings (name, top_k, LoRA rank and targets, ...) are checked in every combination drawn;
+every other drawn value (an LR, a warmup ratio, a batch size) is checked once, in the first trial that draws it, as
+the config checks such a value on its own; a continuous setting (``uniform``, ``loguniform``) is checked at both ends
+of its range (each check of a number is a range, so a draw between two valid ends is valid); and the meta-device
+plan, which depends only on what a strategy trains, is built once per distinct structure. A combination of two
+non-strategy values that only fails together is refused when its trial starts.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipelines import tracking
 from pipelines.config.loading import deep_merge
+from pipelines.config.metrics import CLASSIFIER_ONLY
 from pipelines.config.run import RunConfig, run_config_from_dict
 from pipelines.jobs.importance import apply_importance
 from pipelines.jobs.sources import resolve_data_sources, skeleton_plan, skeleton_source
 from pipelines.reporting.tables import format_table
+from strategies.config import StrategyConfig
 from strategies.registry import get_strategy, settings_used
-from tune_spaces.spec import SweepSpec, load_spec, nest, sample_configs
+from tune_spaces.spec import (CONTINUOUS, SpaceError, SweepSpec, check_reachable, load_spec, max_trial_epochs, nest,
+                              sample_configs)
+
+SHOWN_CONFIGS = 50  # describe() lists this many drawn configurations, then says how many more
+OPTUNA_PROBES = 64  # optuna proposes as it goes: this many random draws of the same space are checked up front
 
 SWEEP_KEY_TAG = "freezetune.sweep_key"
 TRIAL_KEY_TAG = "freezetune.trial_key"
@@ -33,6 +51,11 @@ class SweepPlan:
     def num_trials(self) -> int:
         s = self.spec.sweep
         return len(self.configs) * s.seeds if s.search == "random" else s.num_samples
+
+    @property
+    def max_epochs(self) -> int:
+        """The most epochs any trial runs (a searched `train.epochs` decides, not the base's): ASHA's max_t."""
+        return max_trial_epochs(self.spec) or self.base.train.epochs
 
 
 # --- building and checking ---------------------------------------------------------
@@ -52,21 +75,74 @@ def build_sweep_plan(path: str | Path, overrides: dict | None = None) -> SweepPl
     base_dict = base.to_dict()
     source = skeleton_source(base)
     is_vlm = skeleton_plan(source, base).parts.is_vlm
+    check_reachable(spec, is_vlm, str(path))
+    if spec.sweep.metric in CLASSIFIER_ONLY and is_vlm:
+        raise SpaceError(f"{path}.sweep.metric = {spec.sweep.metric!r}: training reports it only for sequence "
+                         f"classifiers, and {base.model} is a VLM; use eval_loss.")
     configs = sample_configs(spec, is_vlm) if spec.sweep.search == "random" else []
     plan = SweepPlan(spec, base, base_dict, is_vlm, configs)
     # every trial config must load and fit the model before anything starts
-    checked = set()
-    for overrides in configs:
-        cfg = trial_config(plan, overrides)
-        key = json.dumps(cfg.strategy.to_dict(), sort_keys=True, default=str)
-        if key not in checked:
-            skeleton_plan(source, cfg)
-            checked.add(key)
-    for dim in spec.space:  # optuna: check each strategy choice once with the base settings
-        if dim.key == "strategy.name" and spec.sweep.search == "optuna":
-            for name in dim.values:
-                skeleton_plan(source, trial_config(plan, {"strategy.name": name}))
+    if spec.sweep.search == "random":
+        _check_trials(plan, source, configs)
+    else:  # optuna: each strategy choice with the base settings, and a sample of the space it proposes from
+        probes = dataclasses.replace(spec, sweep=dataclasses.replace(spec.sweep, num_samples=OPTUNA_PROBES))
+        names = next((d.values for d in spec.space if d.key == "strategy.name"), [])
+        _check_trials(plan, source, [{"strategy.name": n} for n in names] + sample_configs(probes, is_vlm))
     return plan
+
+
+def _check_trials(plan: SweepPlan, source: str, drawn: list[dict[str, Any]]) -> None:
+    """Every drawn configuration's trial config loads, and its strategy fits the model (meta device), without
+    building each of thousands of configs: see the module docstring."""
+    spec, path = plan.spec, plan.spec.path or plan.spec.name
+    continuous = {d.key: d for d in spec.space if d.kind in CONTINUOUS}
+    shapes: set[str] = set()  # the keys a trial draws, with the values of the strategy's structure
+    values: set[str] = set()  # every other (setting, value): checked once, in the first trial that draws it
+    structures = {_structure_key(plan.base)}  # the base's plan is built already (is_vlm)
+    for overrides in drawn:
+        shape = json.dumps(sorted((k, v if _structural(k) else None) for k, v in overrides.items()), default=str)
+        new = [k for k, v in overrides.items() if not _structural(k)
+               and json.dumps([k, None if k in continuous else v], default=str) not in values]
+        if shape in shapes and not new:
+            continue
+        shapes.add(shape)
+        values.update(json.dumps([k, None if k in continuous else overrides[k]], default=str) for k in new)
+        cfgs = [trial_config(plan, overrides)]
+        for key in (k for k in new if k in continuous):  # a draw between two valid ends is valid
+            dim = continuous[key]
+            for end in (dim.low, dim.high):
+                try:
+                    cfgs.append(trial_config(plan, {**overrides, key: end}))
+                except ValueError as err:
+                    raise SpaceError(f"{path}.space.{key}.{dim.kind}: [{dim.low:g}, {dim.high:g}] reaches {end:g}, "
+                                     f"which a trial refuses: {err} Fix the bounds.") from None
+        for cfg in cfgs:
+            structure = _structure_key(cfg)
+            if structure not in structures:
+                skeleton_plan(source, cfg)
+                structures.add(structure)
+
+
+@functools.lru_cache(maxsize=None)
+def _structural(key: str) -> bool:
+    """Whether a setting's value is checked in combination with the others: the strategy's non-numeric settings
+    (what trains: checked together against the model). Every other value is checked on its own, once."""
+    return key.startswith("strategy.") and key.split(".")[1] not in _STRATEGY_FLOATS
+
+
+def _float_fields(cls) -> frozenset[str]:
+    hints = typing.get_type_hints(cls)
+    return frozenset(f.name for f in dataclasses.fields(cls) if hints[f.name] in (float, float | None))
+
+
+_STRATEGY_FLOATS = _float_fields(StrategyConfig)  # LRs, decays, LoRA alpha/dropout: range-checked by the config
+
+
+def _structure_key(cfg: RunConfig) -> str:
+    """What the meta-device plan depends on: the strategy without its numbers (the plan checks names, k, LoRA
+    targets, parts and importance against the model; a valid LR or decay cannot make it fail)."""
+    strategy = {k: v for k, v in cfg.strategy.to_dict().items() if k not in _STRATEGY_FLOATS}
+    return json.dumps([strategy, cfg.trust_remote_code, cfg.strategy.layer_decay < 1], sort_keys=True, default=str)
 
 
 def used_params(cfg: RunConfig, is_vlm: bool) -> dict[str, Any]:
@@ -90,9 +166,15 @@ def describe(plan: SweepPlan) -> str:
                  + (f" + {gpus} GPU" if gpus else "") + f", {plan.base.train.epochs} epochs"
                  + f"; model {plan.base.model} ({'VLM' if plan.is_vlm else 'text'})")
     if plan.configs:
+        shown = plan.configs[:SHOWN_CONFIGS]
         keys = sorted({k for c in plan.configs for k in c}, key=lambda k: (k != "strategy.name", k))
-        rows = [[i] + [c.get(k) for k in keys] for i, c in enumerate(plan.configs)]
-        lines.append(format_table(["#"] + keys, rows, title="configurations drawn (- = not used by that strategy):"))
+        rows = [[i] + [c.get(k) for k in keys] for i, c in enumerate(shown)]
+        title = "configurations drawn (- = not used by that strategy)"
+        more = len(plan.configs) - len(shown)
+        title += f", the first {len(shown)} of {len(plan.configs)}:" if more else ":"
+        lines.append(format_table(["#"] + keys, rows, title=title))
+        if more:
+            lines.append(f"... and {more} more configurations (drawn the same way; each trial's are in its MLflow run)")
     return "\n".join(lines)
 
 

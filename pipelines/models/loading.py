@@ -7,6 +7,7 @@ next to its tokenizer/processor), so that training always goes through the real
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import shutil
@@ -122,12 +123,62 @@ def resolve_model_path(spec: str, cache_root: str | Path | None = None) -> str:
         return str(materialize_preset(spec, root))
     if os.path.isdir(spec):
         return spec
+    _refuse_preset_typo(spec)
     if os.path.sep in spec and (spec.startswith((".", os.path.sep, "~")) or spec.count("/") > 1):
         # Looks like a path, not "org/name": say so instead of asking the hub.
         raise ModelLoadError(f"model `{spec}`: no such folder (looked at {os.path.abspath(os.path.expanduser(spec))}); "
                              f"give a folder saved with save_pretrained, or use a built-in preset: "
                              f"{', '.join(presets.PRESETS)}.")
     return spec
+
+
+def _refuse_preset_typo(spec: str) -> None:
+    """A name one letter off a preset (`tiny-lama`) is a typo, not a hub model: say so instead of waiting on
+    the hub. Hub names are "org/name" or well known single words, never this close to a preset."""
+    close = difflib.get_close_matches(spec, list(presets.PRESETS), 1, cutoff=0.85)
+    if "/" not in spec and close:
+        raise ModelLoadError(f"model `{spec}`: no such preset or folder (did you mean `{close[0]}`?); built-in "
+                             f"presets: {', '.join(presets.PRESETS)}.")
+
+
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+
+
+def check_weights(folder: str | Path) -> None:
+    """A model folder has weights, and every safetensors file in it is whole: its header parses and the file
+    is as long as the header says (a truncated download). Reads headers only: seconds for any size."""
+    import json
+    import struct
+
+    folder = Path(folder)
+    files = sorted({f for pattern in WEIGHT_FILES for f in folder.glob(pattern)})
+    if not files:
+        raise ModelLoadError(f"model folder {folder}: no weights (*.safetensors or pytorch_model.bin); give a folder "
+                             "saved with save_pretrained (config.json alone is enough for `freezetune plan` only).")
+    for index in folder.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError) as err:
+            raise ModelLoadError(f"{index}: not a readable weight index ({err}); replace it: download the model again.") from None
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise ModelLoadError(f"{index}: shard(s) {missing} are missing; replace it: download the model again.")
+    for file in files:
+        if file.suffix != ".safetensors":
+            continue
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                if length > size - 8:
+                    raise ValueError(f"a {length}-byte header in a {size}-byte file")
+                header = json.loads(fh.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (struct.error, ValueError, KeyError, TypeError, IndexError) as err:
+            raise ModelLoadError(f"{file}: corrupt safetensors file ({err}); replace the file: download or save the model again.") from None
+        if 8 + length + end != size:
+            raise ModelLoadError(f"{file}: corrupt safetensors file ({size} bytes, its header describes "
+                                 f"{8 + length + end}: truncated?); replace the file: download or save the model again.")
 
 
 def _hub_error(spec: str, err: Exception) -> ModelLoadError:
@@ -139,11 +190,16 @@ def _hub_error(spec: str, err: Exception) -> ModelLoadError:
 
 
 def _from_pretrained(loader, path: str, **kw):
+    if os.path.isfile(path):
+        raise ModelLoadError(f"model `{path}` is a file; give the folder that holds it with its config.json.")
     try:
         return loader.from_pretrained(path, **kw)
-    except OSError as err:
+    except (OSError, ValueError) as err:
+        if isinstance(err, ValueError) and loader.__name__ != "AutoConfig":
+            raise  # e.g. an attention kernel that is not installed: its own message says what to do
         if os.path.isdir(path):
-            raise
+            raise ModelLoadError(f"model folder {path}: {loader.__name__} cannot read it ({err}); fix its "
+                                 "config.json or save the model again with save_pretrained.") from None
         raise _hub_error(path, err) from err
 
 
@@ -172,6 +228,27 @@ def _model_class(config):
     return tf.AutoModelForSequenceClassification
 
 
+def read_config(path: str, trust_remote_code: bool = False):
+    """The model's transformers config (config.json only: no weights)."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, path, trust_remote_code=trust_remote_code)
+
+
+def classifier_labels(config) -> int | None:
+    """How many classes the model's head has when it loads as a sequence classifier; None for an LM head."""
+    import transformers as tf
+
+    return int(config.num_labels) if _model_class(config) is tf.AutoModelForSequenceClassification else None
+
+
+def max_positions(config) -> int | None:
+    """Positions the language model has (absolute or the RoPE length it was trained to); None if unknown."""
+    text = config.get_text_config()
+    value = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    return int(value) if value else None
+
+
 def load_model(path: str, trust_remote_code: bool = False, dtype=None, attn_implementation: str | None = None):
     """Returns the model at ``path`` (folder or hub name) as the matching Auto class, in ``dtype`` (default:
     as stored) with ``attn_implementation`` (default: transformers' choice).
@@ -184,6 +261,8 @@ def load_model(path: str, trust_remote_code: bool = False, dtype=None, attn_impl
     if trust_remote_code:
         log.warning("model `%s`: trust_remote_code=True runs Python code shipped with the model; "
                     "only use it for sources you trust.", path)
+    if os.path.isdir(path):
+        check_weights(path)  # a clear error, not one from deep inside from_pretrained
     config = _from_pretrained(AutoConfig, path, trust_remote_code=trust_remote_code)
     cls = _model_class(config)
     kw = {"trust_remote_code": trust_remote_code}
@@ -203,6 +282,8 @@ def meta_model(spec: str, trust_remote_code: bool = False):
     if spec in presets.PRESETS:
         with torch.device("meta"):
             return presets.build_preset(spec, seed=None)
+    if not os.path.isdir(spec):
+        _refuse_preset_typo(spec)
     config = _from_pretrained(AutoConfig, spec, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         return _model_class(config).from_config(config, trust_remote_code=trust_remote_code)

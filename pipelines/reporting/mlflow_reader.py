@@ -142,6 +142,13 @@ def _sampled(params: dict[str, str]) -> dict[str, Any]:
     return sampled
 
 
+def _epochs_reached(curve: list, hist: dict, metric: str) -> int:
+    """The last epoch with a finite metric, or with cost metrics: a trial without eval data trained its epochs
+    too (its eval_loss is absent; NaN values are no epoch reached)."""
+    costs = (s for key, h in hist.items() if key != metric for s, _, _ in h)
+    return max(max((s for s, _ in curve), default=0), max(costs, default=0))
+
+
 def trial_from_run(c, run, metric: str = DEFAULT_METRIC, mode: str = "min", parent=None,
                    now: float | None = None) -> Trial:
     """Read one run: its tags and params, the metric's history and the cost metrics."""
@@ -173,7 +180,7 @@ def trial_from_run(c, run, metric: str = DEFAULT_METRIC, mode: str = "min", pare
         seed=as_int(number(params.get("seed"))), params=dict(params), sampled=_sampled(params),
         curve=curve,
         best=best[1] if best else None, best_epoch=best[0] if best else None,
-        epochs_reached=max((s for s, _ in curve), default=0), epochs_planned=as_int(number(params.get("train.epochs"))),
+        epochs_reached=_epochs_reached(curve, hist, metric), epochs_planned=as_int(number(params.get("train.epochs"))),
         trainable_params=trainable, trainable_share=share, share_source=source,
         train_time_s=sum(seconds) if seconds else None,
         wall_time_s=max(0.0, end - info.start_time / 1000) if info.start_time else None,

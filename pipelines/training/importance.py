@@ -33,7 +33,7 @@ from torch import nn
 
 from pipelines.config.analysis import MEASURE_HELP, MEASURES, SIDES, ImportanceError
 from pipelines.data.dataset import collate
-from pipelines.training.step import autocast, labelled_tokens, token_loss_sum
+from pipelines.training.step import forward_loss, labelled_tokens
 from strategies import ModelParts, find_parts
 from strategies.parts import unit_sort_key
 
@@ -195,14 +195,9 @@ def skipped(module: nn.Module, unit: str = "block"):
 
 
 def loss_sum(model: nn.Module, batch: dict, precision: str = "fp32") -> tuple[torch.Tensor, int]:
-    """(summed loss, number of loss terms): next-token loss over labelled tokens, or a classifier's loss."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with autocast(precision, batch["input_ids"].device):
-        logits = model(**inputs).logits
-    labels = batch["labels"]
-    if labels.dim() == 1:  # sequence classification: one class id per example
-        return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
-    return token_loss_sum(logits, labels), labelled_tokens(batch)
+    """(summed loss, loss terms) of a batch already on the model's device: the training loss, task-aware
+    (next-token loss over labelled tokens, or a classifier's loss over labelled examples)."""
+    return forward_loss(model, batch, precision, batch["input_ids"].device), labelled_tokens(batch)
 
 
 # --- the analysis -------------------------------------------------------------------------

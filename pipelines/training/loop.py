@@ -7,6 +7,9 @@ loop; the plan from ``strategies`` decides what trains and at which LR.
 Phases: set-up (seed, model, plan, data, optimizer, schedule, resume) →
 per epoch (thaw, DDP wrap, one ``step.train_step`` per accumulation window,
 eval, report + checkpoint) → final model. No Ray and no MLflow here.
+
+Reports the metrics of ``pipelines.config.metrics``: ``eval_accuracy`` for sequence classifiers only, and
+NaN eval metrics when no eval example was scored (a 0 would rank as the best loss of a sweep).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from pipelines.models.loading import load_model, load_processor
 from pipelines.training import checkpoints
 from pipelines.training.precision import LOAD_DTYPES, apply_precision_policy, held_bytes
 from pipelines.training.recompute import enable_activation_checkpointing
-from pipelines.training.step import forward_loss, labelled_tokens, train_step
+from pipelines.training.step import (correct_predictions, forward, is_classification, labelled_tokens, summed_loss,
+                                     train_step)
 from strategies.plan import Plan, build_plan
 from strategies.schedules import build_scheduler
 
@@ -101,7 +105,8 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
     model = plan.model.to(env.device)
     train_set, eval_set = load_datasets(cfg.data, processor, seed=cfg.seed)
     train_shard = shard(train_set, env.rank, env.world_size)
-    eval_shard = shard(eval_set, env.rank, env.world_size)
+    eval_shard = eval_part(eval_set, env.rank, env.world_size)
+    classifier = is_classification(train_set[0]["labels"], batched=False)  # reports eval_accuracy too
 
     steps_per_epoch = math.ceil(math.ceil(len(train_shard) / t.batch_size) / t.grad_accum)
     total_steps = steps_per_epoch * t.epochs
@@ -126,7 +131,7 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
     if on_setup is not None:
         on_setup(plan, optimizer)
 
-    ddp_model, wrapped_for = None, None
+    ddp_model, wrapped_for, warned = None, None, False
     for epoch in range(start_epoch, t.epochs + 1):
         # --- thaw for this epoch; DDP registers its hooks on the trainable set, so re-wrap when it changes
         plan.apply(epoch)
@@ -166,12 +171,17 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
         train_loss = loss_sum / max(tokens, 1)
 
         # --- eval ---------------------------------------------------------------
-        eval_loss = evaluate(model, eval_shard, t.batch_size, pad_id, t.precision, env, t.eval_max_batches)
+        totals = evaluate(model, eval_shard, t.batch_size, pad_id, t.precision, env, t.eval_max_batches)
+        if not totals.terms and env.rank == 0 and not warned:
+            # NaN, never 0: a 0 would be a perfect score that ASHA keeps and `compare` ranks first
+            log.warning("no eval data: %s; eval_loss is NaN and a sweep will not rank this run",
+                        _no_eval_reason(cfg, totals))
+            warned = True
 
         metrics = {
             "epoch": epoch,
             "train_loss": train_loss,
-            "eval_loss": eval_loss,
+            **totals.metrics(classifier),
             "trainable_params": sum(p.numel() for p in trainable),
             "total_params": sum(p.numel() for p in model.parameters()),
             "tokens_per_s": seen_tokens / seconds if seconds > 0 else 0.0,
@@ -208,16 +218,58 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
             report(metrics, ckpt_dir)
 
 
+# --- eval ------------------------------------------------------------------------------------
+
+
+def eval_part(dataset: list, rank: int, world_size: int) -> list:
+    """Worker ``rank``'s eval examples: every ``world_size``-th from ``rank`` on, the remainder kept, so every
+    eval example is evaluated exactly once. Parts may differ in length or be empty (fewer examples than
+    workers): eval runs the unwrapped model, whose forward has no collectives, and only the final all-reduce
+    in :func:`evaluate`, which every rank runs. (Training shards must stay equal: DDP steps in lockstep.)"""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"eval_part: rank {rank} is not in [0, {world_size})")
+    return dataset[rank::world_size]
+
+
+@dataclass
+class EvalTotals:
+    """Eval sums over all workers; the metrics are their ratios."""
+
+    loss_sum: float = 0.0
+    terms: float = 0.0  # the loss's divisor: labelled tokens (labelled examples for a classifier)
+    correct: float = 0.0  # classifier: labelled examples predicted right
+    examples: float = 0.0  # examples evaluated
+
+    def metrics(self, classifier: bool) -> dict[str, float]:
+        """eval_loss (and eval_accuracy for a classifier); NaN when nothing was scored on any worker."""
+        nan = float("nan")
+        out = {"eval_loss": self.loss_sum / self.terms if self.terms else nan}
+        if classifier:
+            out["eval_accuracy"] = self.correct / self.terms if self.terms else nan
+        return out
+
+
 @torch.no_grad()
 def evaluate(model, dataset, batch_size: int, pad_id: int, precision: str, env: WorkerEnv,
-             max_batches: int | None = None) -> float:
-    """Mean next-token loss over labelled eval tokens, across all workers."""
+             max_batches: int | None = None) -> EvalTotals:
+    """The loss (and a classifier's right answers) over this worker's eval examples, summed over all workers.
+    Every rank must call it (the all-reduce), with or without examples of its own."""
     model.eval()
-    loss_sum = tokens = 0.0
+    loss_sum = terms = correct = examples = 0.0
     for i, batch in enumerate(_batches(dataset, batch_size, pad_id, epoch_seed=None)):
         if max_batches is not None and i >= max_batches:
             break
-        loss_sum += float(forward_loss(model, batch, precision, env.device))
-        tokens += labelled_tokens(batch)
-    loss_sum, tokens = _all_reduce_sum([loss_sum, tokens], env)
-    return loss_sum / max(tokens, 1)
+        logits, labels = forward(model, batch, precision, env.device)
+        loss_sum += float(summed_loss(logits, labels))
+        terms += labelled_tokens(batch)
+        if is_classification(labels):
+            correct += correct_predictions(logits, labels)
+        examples += len(labels)
+    return EvalTotals(*_all_reduce_sum([loss_sum, terms, correct, examples], env))
+
+
+def _no_eval_reason(cfg: RunConfig, totals: EvalTotals) -> str:
+    """Why no eval example was scored, for the warning."""
+    if not totals.examples:
+        return f"data.eval_fraction = {cfg.data.eval_fraction:g} and no data.eval"
+    return f"every label of the {totals.examples:.0f} eval examples is masked (-100): nothing to score"

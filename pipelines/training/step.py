@@ -1,10 +1,11 @@
 """One optimizer step, on one screen: what the loop and the benchmarks run (the importance measures share
 its loss and autocast).
 
-A step takes an accumulation window of micro-batches: each micro-batch's summed token loss is divided by
-the window's labelled tokens (so N micro-batches equal one N-times-larger batch), backward under the
-GradScaler (fp16) or plainly, then clip the trainable parameters' grad norm (after unscaling), step AdamW
-and the LR schedule, and drop the grads (``set_to_none``: AdamW skips frozen parameters entirely).
+A step takes an accumulation window of micro-batches: each micro-batch's summed loss is divided by the
+window's loss terms (labelled tokens; labelled examples for a sequence classifier), so N micro-batches equal
+one N-times-larger batch, backward under the GradScaler (fp16) or plainly, then clip the trainable
+parameters' grad norm (after unscaling), step AdamW and the LR schedule, and drop the grads
+(``set_to_none``: AdamW skips frozen parameters entirely).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from pipelines.data.dataset import IGNORE_INDEX, count_tokens
 from pipelines.training.precision import grad_bytes
@@ -24,8 +26,8 @@ from strategies.memory import LOSS_CHUNK_ELEMENTS
 
 @dataclass
 class StepResult:
-    loss_sum: float  # summed token loss over the window (divide by loss_tokens for the mean)
-    loss_tokens: int  # labelled tokens of the window: the loss's divisor
+    loss_sum: float  # summed loss over the window (divide by loss_tokens for the mean)
+    loss_tokens: int  # loss terms of the window (labelled tokens, or labelled examples): the loss's divisor
     input_tokens: int  # non-padding input tokens (throughput)
     skipped: bool  # fp16: the GradScaler found inf/nan gradients and skipped the update
     grads_bytes: int = 0  # gradient bytes held after backward, counted from the tensors
@@ -132,8 +134,35 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad, None, None, None
 
 
+# --- the task: the one place that tells a sequence classifier's batch from a token-labelled one -------------
+
+
+def is_classification(labels: torch.Tensor, batched: bool = True) -> bool:
+    """One class id per example (a sequence classifier: (B,) batched, 0-d per example), not one label per
+    token ((B, T) / (T,)). The data decides (``pipelines.data.dataset`` makes the labels), not the model."""
+    return labels.dim() == (1 if batched else 0)
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The batch's summed fp32 loss: cross-entropy per labelled example for a classifier, else the next-token
+    loss per labelled token. Summed, not averaged, so that windows and workers add up (divide by
+    :func:`labelled_tokens`)."""
+    if is_classification(labels):
+        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return token_loss_sum(logits, labels)
+
+
 def labelled_tokens(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    """The batch's loss terms, the divisor of :func:`summed_loss`: labelled next-token targets, or labelled
+    examples for a classifier."""
+    labels = batch["labels"]
+    targets = labels if is_classification(labels) else labels[:, 1:]  # position t predicts token t+1
+    return int((targets != IGNORE_INDEX).sum())
+
+
+def correct_predictions(logits: torch.Tensor, labels: torch.Tensor) -> int:
+    """A classifier's labelled examples whose top logit is the label (eval accuracy's numerator)."""
+    return int(((logits.argmax(dim=-1) == labels) & (labels != IGNORE_INDEX)).sum())
 
 
 def autocast(precision: str, device: torch.device):
@@ -143,12 +172,16 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def forward_loss(model, batch: dict, precision: str, device: torch.device) -> torch.Tensor:
-    """The summed token loss of one batch (moved to ``device``)."""
+def forward(model, batch: dict, precision: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of one batch, moved to ``device`` and run under ``precision``'s autocast."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with autocast(precision, device):
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        return token_loss_sum(logits, batch["labels"])
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"]
+
+
+def forward_loss(model, batch: dict, precision: str, device: torch.device) -> torch.Tensor:
+    """The summed loss of one batch (:func:`summed_loss`; its own fp32 arithmetic, whatever the autocast)."""
+    return summed_loss(*forward(model, batch, precision, device))
 
 
 def train_step(model, window: Sequence[dict], optimizer: torch.optim.Optimizer, *, trainable: list,

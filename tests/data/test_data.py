@@ -322,3 +322,40 @@ def test_demo_images_match_their_captions(tmp_path):
         assert xs, rec
         centre = (min(xs) + max(xs)) / 2
         assert (centre < 16) == (fields["side"] == "left"), rec
+
+
+# ---------------------------------------------------------------- long records
+def _bpe_tokenizer():
+    """A real byte-level BPE (multi-character tokens, merges), trained here in milliseconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda", "sigma"]
+    core.train_from_iterator([" ".join(words * 20)] * 50, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="<s>")
+
+
+@pytest.mark.parametrize("which", ["bytes", "bpe"])
+def test_a_long_record_tokenises_only_what_max_length_keeps(tok, which):
+    """A book-length record gives the same first max_length tokens as tokenising all of it, from a prefix."""
+    import random
+
+    tokenizer = tok if which == "bytes" else _bpe_tokenizer()
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "x", "  ", "\n", "ünïcødé", "12345"]
+    text = " ".join(rng.choice(words) for _ in range(60_000))  # ~300k characters
+    full = tokenizer(text, add_special_tokens=True)["input_ids"]
+    for max_length in (8, 128, 1000):
+        ids = data_mod._encode(tokenizer, text, True, max_length)
+        assert ids[:max_length] == full[:max_length]
+        assert len(ids) < len(full) // 4, "the whole record was tokenised"
+
+
+def test_a_record_over_the_size_limit_is_refused_with_its_line(tmp_path, tok):
+    train = write_jsonl(tmp_path / "big.jsonl", [{"text": "short"}, {"text": "y" * 2_000_000}])
+    with pytest.raises(DataError, match=r"big.jsonl, line 2: a 2.0 MB record, over data.max_record_mb = 1"):
+        load_datasets(cfg_for(tmp_path, train, eval_fraction=0, max_record_mb=1), tok, seed=0)
+    assert not (tmp_path / "cache").exists()
