@@ -68,3 +68,63 @@ def lora_target_modules(model: nn.Module, parts: ModelParts, sides: tuple[str, .
                 f"{type(inner).__name__}; fix the name(s) or use `attention` / `all`."
             )
     return targets
+
+
+# --- a self-contained adapter: what trains besides the LoRA weights ---------------------------------------
+
+
+def modules_to_save(model: nn.Module, trained: list[str] | set[str]) -> tuple[list[str], list[str]]:
+    """The whole modules that hold the fully trained parameters ``trained`` (names as in
+    ``model.named_parameters()``, LoRA weights left out), for ``LoraConfig.modules_to_save``; and the trained
+    parameters no whole module holds.
+
+    A module qualifies when every parameter in it trains; each trained parameter is covered by its largest
+    qualifying ancestor below the transformers model itself (LLaVA's connector:
+    ``model.multi_modal_projector``, not its two linears). A parameter that sits directly on a module that
+    also holds frozen weights (LLaVA-NeXT's ``image_newline`` on the base model) has no such module:
+    ``modules_to_save`` works on whole modules only, so it is returned in the second list.
+
+    Names are relative to the unwrapped transformers model, as ``modules_to_save`` takes them. peft matches them
+    as suffixes of the transformers model's module names (``key.endswith(name)``, peft 0.21), so a module whose
+    full name also ends another module's name (``model.norm`` and ``vision_model.norm``) cannot be named
+    alone: its parameters go to the second list too.
+    """
+    inner = unwrap(model)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    root = next(name for name, module in modules.items() if module is inner)  # "base_model.model" under peft
+    inner_names = [name for name, _ in inner.named_modules(remove_duplicate=False)]
+    params = dict(model.named_parameters())
+    unknown = sorted(set(trained) - set(params))
+    if unknown:
+        raise ValueError(f"modules_to_save: {unknown[:3]} are not parameters of {type(inner).__name__}")
+    trained_ids = {id(params[name]) for name in trained}
+
+    def whole(path: str) -> bool:
+        held = list(modules[path].parameters())
+        return bool(held) and all(id(p) in trained_ids for p in held)
+
+    def parent(path: str) -> str | None:
+        return path.rpartition(".")[0] if path else None
+
+    chosen: set[str] = set()
+    bare: list[str] = []
+    for name in sorted(trained):
+        owner = parent(name)
+        if owner == root or owner not in modules or not whole(owner):
+            bare.append(name)
+            continue
+        path = owner
+        while (up := parent(path)) not in (None, root) and up in modules and whole(up):
+            path = up
+        chosen.add(path)
+    # keep the outermost only (one parameter's walk may stop below another one's module)
+    chosen = {p for p in chosen if not any(p.startswith(q + ".") for q in chosen if q != p)}
+
+    names = []
+    for path in sorted(chosen):
+        rel = path[len(root) + 1:] if root else path
+        if [key for key in inner_names if key.endswith(rel)] == [rel]:
+            names.append(rel)
+        else:  # no name peft would match to this module alone
+            bare.extend(sorted(n for n in params if n.startswith(path + ".") and n in trained))
+    return names, sorted(bare)

@@ -120,19 +120,19 @@ class LocalRayCluster:
         return [int(p) for p in out.stdout.split() if int(p) != os.getpid()]
 
     def stop(self) -> None:
+        import shutil
+
         for _ in range(3):
             pids = self.processes()
             if not pids:
-                return
+                break
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
             time.sleep(1)
-        import shutil
-
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # every run used to leave its /tmp/rt* folder
 
 
 class MlflowServer:

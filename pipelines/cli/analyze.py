@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipelines.cli.options import add_address, add_sets, setup_logging
+from pipelines.cli.options import add_address, add_sets, add_tracking_uri, setup_logging, tracking_override
 from pipelines.config.loading import deep_merge, parse_sets
 from pipelines.reporting.tables import format_table
 
@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-id", help="analyse the fine-tuned model of this `freezetune train` MLflow run")
     parser.add_argument("--checkpoint", help="analyse the fine-tuned model in this checkpoint / final_model folder")
     parser.add_argument("--max-batches", type=int, help="eval batches measured (analysis.max_batches)")
+    add_tracking_uri(parser)
     add_sets(parser, "analysis.measures=[ablation]")
     parser.add_argument("--json", action="store_true", help="print one JSON object (run id, ranking, cost)")
 
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.jobs.analyze import load_analysis_config, run_analysis  # lazy: Ray, torch; fast --help
 
     setup_logging()
-    overrides = parse_sets(args.set)
+    overrides = deep_merge(parse_sets(args.set), tracking_override(args))
     section = {k: v for k, v in (("run_id", args.run_id), ("checkpoint", args.checkpoint),
                                  ("max_batches", args.max_batches)) if v is not None}
     if section:

@@ -23,6 +23,19 @@ def add_address(p: argparse.ArgumentParser, default_help: str = "$RAY_ADDRESS, e
     p.add_argument("--address", help=f"Ray cluster address (default: {default_help})")
 
 
+def add_tracking_uri(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", help="MLflow tracking URI; wins over the config's mlflow.tracking_uri, which wins "
+                   "over $MLFLOW_TRACKING_URI, which wins over sqlite:///mlflow.db in the working directory")
+
+
+def tracking_override(args: argparse.Namespace, section: str | None = None) -> dict:
+    """`--tracking-uri` as a config override (``section``: where the run config sits, e.g. a space's `base`)."""
+    if not args.tracking_uri:
+        return {}
+    override = {"mlflow": {"tracking_uri": args.tracking_uri}}
+    return {section: override} if section else override
+
+
 def add_sets(p: argparse.ArgumentParser, example: str = "strategy.lr=1e-4") -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a config value, e.g. --set {example} (YAML value syntax)")
@@ -76,6 +89,9 @@ def strategy_from_args(a: argparse.Namespace, with_name: bool = True) -> dict:
                 raise ValueError(f"--parts {item!r}: use KEY=PATH, e.g. --parts language_blocks=model.layers")
             if key in ("connector", "head"):
                 parts.setdefault(key, []).append(path)
+            elif key in parts:
+                raise ValueError(f"--parts {key}= is given twice ({parts[key]} and {path}); remove one: a part has "
+                                 "one module (only connector and head take several).")
             else:
                 parts[key] = path
         out["parts"] = parts

@@ -50,6 +50,26 @@ def tracking_uri(explicit: str | None = None) -> str:
     return uri
 
 
+# MLflow's tracking stores (mlflow 3: tracking._tracking_service.utils._tracking_store_registry); `+driver`
+# suffixes (postgresql+psycopg2) are SQLAlchemy's and allowed. Checked here: config imports no MLflow.
+TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
+                    "databricks-uc", "uc")
+
+
+def tracking_scheme_problem(uri: str) -> str | None:
+    """What is wrong with ``uri`` as an MLflow tracking URI (None: nothing), so that a URI MLflow cannot
+    store runs in fails when the config is read, not after Ray has started."""
+    if not uri.strip():
+        return "is empty: set a tracking URI, e.g. sqlite:///mlflow.db, or leave it unset"
+    if not is_uri(uri):
+        return None  # a plain folder: MLflow's file store
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme not in TRACKING_SCHEMES:
+        return (f"= {uri!r}: MLflow has no tracking store for `{scheme}:`; use one of {', '.join(TRACKING_SCHEMES)} "
+                "(e.g. sqlite:///mlflow.db or http://host:5000)")
+    return None
+
+
 def relative_to(base_dir: str | Path, value: str) -> str:
     """A path written in a config file, relative to that file's folder (URIs and absolute paths unchanged)."""
     if not value or is_uri(value) or os.path.isabs(os.path.expanduser(value)):

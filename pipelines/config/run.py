@@ -59,6 +59,16 @@ class TrainSettings:
     eval_max_batches: int | None = _f(None, "cap on eval batches per epoch (None = whole eval set)")
     activation_checkpointing: bool = _f(False, "recompute block activations in backward (about 1/3 more compute, "
                                                "far less memory); frozen lower blocks still get no backward")
+    log_model: str | None = _f(None, "final model logged to MLflow as the run's model (runs:/RUN/model, registrable): "
+                                     "adapter | merged | none; it must be what train.save writes; default: "
+                                     "what train.save writes (adapter), under the log_model_max_gb guard")
+    log_model_max_gb: float = _f(5.0, "size guard: a final model larger than this (GB) is not uploaded to MLflow; "
+                                      "a warning and the run tag `logged_model` say so (it stays in the checkpoint)")
+
+    @property
+    def model_to_log(self) -> str:
+        """adapter | merged | none: what goes to MLflow (``log_model``, by default what ``save`` writes)."""
+        return self.save if self.log_model is None else self.log_model
 
     def validate(self, where: str = "train") -> None:
         for key in ("epochs", "batch_size", "grad_accum"):
@@ -67,8 +77,29 @@ class TrainSettings:
             raise ConfigError(f"{where}.precision = {self.precision!r}: use fp32, bf16 or fp16.")
         if self.save not in SAVE_MODES:
             raise ConfigError(f"{where}.save = {self.save!r}: use adapter, merged or none.")
+        if self.log_model is not None and self.log_model not in SAVE_MODES:
+            raise ConfigError(f"{where}.log_model = {self.log_model!r}: use adapter, merged or none (default: what "
+                              f"{where}.save writes).")
+        if self.log_model not in (None, "none", self.save):
+            fix = (f"set {where}.save: {self.log_model}" if self.save == "none" else
+                   f"set {where}.save: {self.log_model} too, or {where}.log_model: {self.save} (or none)")
+            raise ConfigError(f"{where}.log_model = {self.log_model} logs the final model {where}.save writes, but "
+                              f"{where}.save = {self.save}" + (" writes none" if self.save == "none" else "")
+                              + f"; {fix}.")
+        if (not isinstance(self.log_model_max_gb, (int, float)) or isinstance(self.log_model_max_gb, bool)
+                or not self.log_model_max_gb > 0):
+            raise ConfigError(f"{where}.log_model_max_gb = {self.log_model_max_gb!r}: must be a number of GB > 0 "
+                              f"(to log no model, set {where}.log_model: none).")
         if self.max_grad_norm < 0:
             raise ConfigError(f"{where}.max_grad_norm = {self.max_grad_norm}: must be >= 0 (0 turns clipping off).")
+        betas = self.adam_betas
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ConfigError(f"{where}.adam_betas = {betas}: use two numbers in [0, 1), e.g. [0.9, 0.999].")
+        if not 0 < self.adam_eps < 1:
+            raise ConfigError(f"{where}.adam_eps = {self.adam_eps}: must be in (0, 1), e.g. 1e-8.")
+        if self.eval_max_batches is not None and self.eval_max_batches < 1:
+            raise ConfigError(f"{where}.eval_max_batches = {self.eval_max_batches}: must be >= 1 (an epoch without "
+                              "eval would report no eval_loss); leave it unset to evaluate the whole eval set.")
 
 
 @dataclass
@@ -86,6 +117,11 @@ class Resources:
             raise ConfigError(f"{where}.cpus_per_worker must be > 0.")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise ConfigError(f"{where}.gpus_per_worker = {self.gpus_per_worker}: must be >= 0 (0 = CPU workers).")
+        if self.max_failures < -1:
+            raise ConfigError(f"{where}.max_failures = {self.max_failures}: must be >= 0, or -1 to retry without limit.")
+        for key, amount in self.resources_per_worker.items():
+            if amount < 0:
+                raise ConfigError(f"{where}.resources_per_worker.{key} = {amount}: must be >= 0.")
 
     @property
     def uses_gpu(self) -> bool:
@@ -101,6 +137,13 @@ class Resources:
 class MlflowSettings:
     tracking_uri: str | None = _f(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     experiment: str = _f("freezetune", "MLflow experiment name")
+
+    def validate(self, where: str = "mlflow") -> None:
+        if not self.experiment.strip():
+            raise ConfigError(f"{where}.experiment is empty: set an experiment name, e.g. freezetune.")
+        problem = paths.tracking_scheme_problem(self.tracking_uri) if self.tracking_uri is not None else None
+        if problem:
+            raise ConfigError(f"{where}.tracking_uri {problem}.")
 
 
 @dataclass
@@ -149,6 +192,9 @@ def run_config_from_dict(data: dict, where: str = "config", base_dir: str | Path
         data["data"] = {k: paths.relative_to(base_dir, v) if k in ("train", "eval", "image_root") and isinstance(v, str)
                         else v for k, v in data["data"].items()}
     cfg = from_dict(RunConfig, data, where)
+    if cfg.cache_dir and paths.is_uri(cfg.cache_dir):
+        raise ConfigError(f"{where}.cache_dir = {cfg.cache_dir!r}: the model cache must be a local folder (models load "
+                          "from folders); put tokenised data in a bucket with data.cache_dir instead.")
     cfg.mlflow.tracking_uri = cfg.tracking_uri  # fixed now: later code may change the working directory
     if cfg.data.cache_dir is None:  # one cache root for models and tokenised data
         cfg.data.cache_dir = str(Path(cfg.resolved_cache_dir) / "data")

@@ -11,9 +11,11 @@ model (on the meta device), so a bad space fails in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 from optuna.samplers import TPESampler
@@ -23,6 +25,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from pipelines import tracking
+from pipelines.config.paths import is_uri, storage_root
+from pipelines.data import storage as storage_fs
 from pipelines.jobs import ray_env
 from pipelines.jobs.callbacks import SweepMlflowCallback
 from pipelines.jobs.importance import trial_importance
@@ -32,6 +36,7 @@ from pipelines.jobs.trainer import make_trainer
 from pipelines.reporting.mlflow_reader import collect
 from pipelines.reporting.render import render_text
 from pipelines.tracking import MlflowRun
+from pipelines.tracking.models import register_model
 from tune_spaces.spec import SweepSpec, define_by_run
 
 log = logging.getLogger("freezetune.sweep")
@@ -42,7 +47,10 @@ def run_trial(config: dict, plan: SweepPlan, model_path: str, trials_storage: st
     overrides, seed_index = trial_settings(config, plan.configs)
     cfg = trial_config(plan, overrides, seed_index)
     trial_id = tune.get_context().get_trial_id()
-    when, trial_dir = cfg.analysis.importance, f"{trials_storage}/{trial_id}"
+    # importance files are local files (pipelines.jobs.importance): with a URI storage, under the local runs folder
+    local_trials = (trials_storage if not is_uri(trials_storage) else
+                    os.path.join(storage_root(), *storage_fs.filesystem(trials_storage)[1].split("/")[-2:]))
+    when, trial_dir = cfg.analysis.importance, os.path.join(local_trials, trial_id)
     if when in ("before", "both"):
         trial_importance(cfg, model_path, "before", trial_dir)
     result = make_trainer(cfg, model_path, trial_id, [TuneReportCallback()], trials_storage).fit()
@@ -62,15 +70,23 @@ def run_sweep(path: str | Path, address: str | None = None, resume: bool = False
         return {"dry_run": True, "trials": plan.num_trials}
 
     spec, base = plan.spec, plan.base
+    if spec.sweep.register_as and base.train.model_to_log == "none":
+        raise ValueError(f"{path}: sweep.register_as = {spec.sweep.register_as!r} registers the best trial's logged "
+                         "model, but base.train logs none (train.log_model / train.save: none); set base.train.save "
+                         "to adapter or merged, or remove sweep.register_as.")
     prep = prepare(base)  # tracking reachable, model resolved, data tokenised once for every trial
+    if prep.n_eval == 0 and spec.sweep.metric.startswith("eval_"):
+        raise ValueError(f"{path}: sweep.metric = {spec.sweep.metric}, but base has no eval data (data.eval_fraction "
+                         "= 0 and no data.eval), so no trial could be ranked; give base.data.eval or set "
+                         "base.data.eval_fraction > 0.")
     uri, storage = base.tracking_uri, base.resolved_storage_path
     name = spec.name if resume else fresh_name(storage, spec.name)
-    sweep_dir = f"{storage}/{name}"
+    sweep_dir = storage_fs.join(storage, name)  # a folder, or s3://bucket/runs/<name> (its query kept last)
     if resume and not tune.Tuner.can_restore(sweep_dir):
         raise ValueError(f"--resume: no sweep to resume at {sweep_dir}; run without --resume to start it.")
 
     ray_env.connect(address)
-    ray_env.leave_job_working_dir(storage)
+    ray_env.leave_job_working_dir(storage if not is_uri(storage) else storage_root())  # a local folder to work in
     ray_env.check_capacity(spec.sweep.resources.num_workers, base.resources.per_worker())
     check_cluster_reach(base, prep.model_path)
 
@@ -80,15 +96,16 @@ def run_sweep(path: str | Path, address: str | None = None, resume: bool = False
         if not parent.resumed:
             log_sweep_start(parent, plan, path, overrides)
         callback = SweepMlflowCallback(uri, base.mlflow.experiment, parent.run_id, sweep_dir, plan, base.train.epochs)
-        outbox = f"{sweep_dir}/mlflow_outbox.json"
-        if resume and os.path.exists(outbox):
-            callback.replay(outbox)
-            os.remove(outbox)
+        outbox = storage_fs.join(sweep_dir, "mlflow_outbox.json")
+        if resume and storage_fs.is_file(outbox):
+            with _local_copy(outbox, read=True) as kept:
+                callback.replay(kept)
+            storage_fs.remove(outbox)
         # The trial function only drives; its TorchTrainer's workers hold the real resources. It lives on the
         # head node: scattered over worker nodes, its CPU slivers would leave no node a whole CPU for a worker.
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, plan=plan, model_path=prep.model_path,
-                                 trials_storage=f"{sweep_dir}/trials"),
+                                 trials_storage=storage_fs.join(sweep_dir, "trials")),
             tune.PlacementGroupFactory([{"CPU": 0.05, "node:__internal_head__": 0.001}]),
         )
         if resume:
@@ -102,7 +119,8 @@ def run_sweep(path: str | Path, address: str | None = None, resume: bool = False
         writer = _mlflow_writer(tuner, callback)
         undelivered = writer.flush()
         if undelivered:
-            writer.dump(outbox)
+            with _local_copy(outbox) as kept:
+                writer.dump(kept)
             raise tracking.TrackingError(
                 f"the sweep finished but MLflow ({tracking.redact(uri)}) stayed unreachable: {undelivered} write(s) "
                 f"are kept in {outbox}. Bring MLflow back and run `freezetune sweep {path} --resume`: it delivers "
@@ -110,8 +128,27 @@ def run_sweep(path: str | Path, address: str | None = None, resume: bool = False
         summary = summarize(uri, parent.run_id, spec.sweep.metric, spec.sweep.mode)
         print("\n" + summary["text"], flush=True)
         log_sweep_summary(parent, summary, spec.sweep.metric)
+        if spec.sweep.register_as:
+            register_best(uri, parent, summary, spec.sweep.register_as, name)
         return {"parent_run_id": parent.run_id, "name": name, "rows": summary["rows"], "errors": len(grid.errors),
                 "tracking_uri": uri}
+
+
+@contextlib.contextmanager
+def _local_copy(path: str, read: bool = False):
+    """``path`` itself when local; for a URI a local temp file, filled from it (``read``) or uploaded to it."""
+    if not is_uri(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, os.path.basename(storage_fs.filesystem(path)[1]))
+        if read:
+            with open(local, "wb") as f:
+                f.write(storage_fs.read_bytes(path))
+        yield local
+        if not read:
+            with open(local, "rb") as f:
+                storage_fs.write_bytes(path, f.read())
 
 
 def log_sweep_start(parent: MlflowRun, plan: SweepPlan, path: Path, overrides: dict | None) -> None:
@@ -128,11 +165,30 @@ def log_sweep_summary(parent: MlflowRun, summary: dict, metric: str) -> None:
     """The ranked trials, and the best one's settings and score."""
     parent.log_text(summary["text"], "summary/ranked.txt")
     parent.log_dict(summary["rows"], "summary/ranked.json")
-    best = summary["rows"][0] if summary["rows"] and summary["rows"][0]["outcome"] != "failed" else None
+    top = summary["rows"][0] if summary["rows"] else None
+    best = top if top and top["outcome"] != "failed" and top.get("rank") is not None else None
     if best:
         parent.set_tags({"best_trial": best["trial_id"], "best_run_id": best["run_id"], f"best_{metric}": best["best"]})
         parent.log_params({f"best.{k}": v for k, v in best["params"].items()})
         parent.log_metrics({f"best_{metric}": best["best"]}, step=0)
+
+
+def register_best(uri: str, parent: MlflowRun, summary: dict, registered_name: str, sweep_name: str) -> None:
+    """`sweep.register_as`: the best ranked trial's logged model as a new registry version (or why not)."""
+    best = next((r for r in summary["rows"] if r.get("rank") is not None and r["outcome"] != "failed"), None)
+    if best is None:
+        log.warning("sweep.register_as = %s: no trial was ranked; nothing registered", registered_name)
+        parent.set_tags({"registered_model": "none: no trial was ranked"})
+        return
+    try:
+        reg = register_model(uri, best["run_id"], registered_name, tags={"sweep": sweep_name, "trial_id": best["trial_id"]},
+                             description=f"best trial {best['trial_id']} of sweep {sweep_name}")
+    except tracking.TrackingError as err:  # e.g. the best trial's model was over train.log_model_max_gb
+        log.warning("sweep.register_as = %s: %s", registered_name, err)
+        parent.set_tags({"registered_model": f"failed: {err}"})
+        return
+    log.info("registered the best trial's model as %s", reg["model_uri"])
+    parent.set_tags({"registered_model": f"{reg['name']}/{reg['version']}"})
 
 
 def _mlflow_writer(tuner, fallback):
@@ -158,7 +214,7 @@ def _param_space(plan: SweepPlan) -> dict:
 def _tune_config(plan: SweepPlan):
     s = plan.spec.sweep
     if s.scheduler.type == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=plan.base.train.epochs,
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=plan.max_epochs,
                                   grace_period=s.scheduler.grace_period, reduction_factor=s.scheduler.reduction_factor)
     else:
         scheduler = FIFOScheduler()

@@ -8,15 +8,19 @@ TorchTrainer's workers run ``pipelines.training``.
 from __future__ import annotations
 
 import logging
+import os
 
 import matplotlib.pyplot as plt
 
 from pipelines import tracking
+from pipelines.config.paths import is_uri, storage_root
 from pipelines.config.run import RunConfig
+from pipelines.data import storage as storage_fs
 from pipelines.jobs import ray_env
 from pipelines.jobs.callbacks import TrainEpochLogger
 from pipelines.jobs.importance import log_trial_importance, trial_importance
 from pipelines.jobs.preflight import Prepared, check_cluster_reach, default_run_name, fresh_name, prepare
+from pipelines.jobs.model_logging import log_trained_model
 from pipelines.jobs.trainer import make_trainer
 from pipelines.reporting.lr_plot import lr_schedule_figure
 from pipelines.reporting.plan_view import render_plan
@@ -47,38 +51,46 @@ def log_run_start(prep: Prepared, run: MlflowRun) -> None:
 
 def run_training(cfg: RunConfig, address: str | None = None, resume: bool = False) -> dict:
     """Run one fine-tuning; returns {run_id, run_name, metrics, checkpoint}. The MLflow run always ends."""
-    prep = prepare(cfg)
     uri = cfg.tracking_uri
     storage = cfg.resolved_storage_path
     base_name = cfg.name or default_run_name(cfg)
     run_name = base_name if resume else fresh_name(storage, base_name)
+    run_dir = storage_fs.join(storage, run_name)  # a folder, or s3://bucket/runs/<name>: Ray's run folder
+    if resume and not storage_fs.is_dir(run_dir):
+        raise ValueError(f"--resume: nothing to resume at {run_dir} (no run of this name was started "
+                         "there); run without --resume to start it, or set `name:` to the run to resume.")
+    prep = prepare(cfg)
 
     ray_env.connect(address)
-    ray_env.leave_job_working_dir(storage)
+    ray_env.leave_job_working_dir(storage if not is_uri(storage) else storage_root())  # a local folder to work in
     res = cfg.resources
     ray_env.check_capacity(res.num_workers, res.per_worker())
     check_cluster_reach(cfg, prep.model_path)
 
-    run = MlflowRun.start_or_resume(uri, cfg.mlflow.experiment, run_name, RUN_KEY_TAG, f"{storage}/{run_name}",
-                                    resume=resume)
+    run = MlflowRun.start_or_resume(uri, cfg.mlflow.experiment, run_name, RUN_KEY_TAG, run_dir, resume=resume)
     if run.resumed:
         log.info("resuming MLflow run %s (%s)", run.run_id, run_name)
     with run:
         log_run_start(prep, run)
-        trainer = make_trainer(cfg, prep.model_path, run_name, [TrainEpochLogger(uri, run.run_id)], storage)
-        when, analysis_dir = cfg.analysis.importance, f"{storage}/{run_name}/importance"
+        trainer = make_trainer(cfg, prep.model_path, run_name, [TrainEpochLogger(uri, run.run_id, storage)], storage)
+        # importance files are written and read as local files: beside the run, or in a local folder of that name
+        local_run_dir = run_dir if not is_uri(storage) else os.path.join(storage_root(), run_name)
+        when, analysis_dir = cfg.analysis.importance, os.path.join(local_run_dir, "importance")
         if when in ("before", "both"):
             trial_importance(cfg, prep.model_path, "before", analysis_dir)
         log.info("training %s: %d workers, %d optimizer steps per epoch, %d epochs", run_name, res.num_workers,
                  prep.steps_per_epoch, cfg.train.epochs)
         result = trainer.fit()
-        checkpoint = result.checkpoint.path if result.checkpoint else None
+        # Ray's Checkpoint.path is a path on the storage's filesystem: as a URI (s3://...) when storage is one
+        checkpoint = storage_fs.uri_of(storage, result.checkpoint.path) if result.checkpoint else None
         if when in ("after", "both") and checkpoint:
-            trial_importance(cfg, prep.model_path, "after", analysis_dir, checkpoint=checkpoint)
+            with result.checkpoint.as_directory() as local_checkpoint:  # itself when local, else a download
+                trial_importance(cfg, prep.model_path, "after", analysis_dir, checkpoint=local_checkpoint)
         if when:
             log_trial_importance(uri, run.run_id, analysis_dir)
         if checkpoint:
-            run.set_tags({"checkpoint": checkpoint,
-                          "final_model": f"{checkpoint}/final_model" if cfg.train.save != "none" else ""})
+            final_model = storage_fs.join(checkpoint, "final_model") if cfg.train.save != "none" else ""
+            run.set_tags({"checkpoint": checkpoint, "final_model": final_model})
+            log_trained_model(cfg, uri, run.run_id, result.checkpoint, checkpoint, base_model=prep.model_path)
         return {"run_id": run.run_id, "run_name": run_name, "checkpoint": checkpoint,
                 "metrics": tracking.client(uri).get_run(run.run_id).data.metrics, "tracking_uri": uri}

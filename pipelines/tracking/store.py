@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from pipelines.config import paths
+
 log = logging.getLogger("freezetune.tracking")
 
 # MLflow's HTTP client retries each call for minutes on its own; a sweep driver must not stall that long
@@ -45,6 +47,9 @@ def client(uri: str):
 
 def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast (seconds, before any training) when the store cannot be reached."""
+    problem = paths.tracking_scheme_problem(uri)
+    if problem:  # e.g. from $MLFLOW_TRACKING_URI, which no config check saw
+        raise TrackingError(f"MLflow tracking URI {problem}.")
     if uri.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request

@@ -15,6 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipelines.models.loading import _model_class
+from strategies.lora import modules_to_save
+from strategies.parts import unwrap
+
 WEIGHTS = "trainable.safetensors"
 STATE = "training_state.pt"
 META = "meta.json"
@@ -64,20 +68,101 @@ def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def save_final_model(directory, plan, processor, merged: bool) -> None:
-    """``merged``: a full ``from_pretrained`` folder (LoRA merged in); else the trained weights (+ adapter)."""
+# --- the final model: a folder plain transformers / peft load, with no freezetune code ----------------------
+
+FINAL_META = "freezetune.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def save_final_model(directory, plan, processor, merged: bool) -> dict:
+    """Write the final model to ``directory``, loadable without freezetune; returns what ``freezetune.json`` says.
+
+    - ``merged``: a whole ``save_pretrained`` folder (LoRA merged in first), in the dtype the base checkpoint
+      was stored in, that ``AutoModelFor...from_pretrained(directory)`` loads. Merging and the cast happen in
+      place: call it last, the model is not trained further.
+    - adapter, LoRA strategies: a peft adapter folder that ``PeftModel.from_pretrained(base, directory)`` loads
+      *completely*: the LoRA weights, and every fully trained non-LoRA module (a VLM's connector, a head, a
+      norm) declared in ``adapter_config.json`` as ``modules_to_save`` with its trained weights in
+      ``adapter_model.safetensors`` under the keys peft saves them with (the wrapped model's parameter names,
+      ``base_model.model.model.multi_modal_projector.linear_1.weight``). Trained parameters that are no whole
+      module's (``image_newline``) are stored there too: peft loads keys of the base model as they are.
+    - adapter, other strategies: the trained weights only, ``trainable.safetensors``, named as the base model
+      names them: ``base.load_state_dict(load_file(...), strict=False)`` on the base model.
+
+    ``trainable.safetensors`` (the trained weights under the training names) is written in adapter mode
+    either way: ``freezetune analyze`` reads it. ``freezetune.json`` records how to load the folder
+    (``format``: peft | trainable | full; the transformers Auto class; the processor class) and which files
+    a copy needs (``not_for_loading``: what an upload may leave out).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = plan.model
+    inner = unwrap(model)
+    base_path = getattr(inner.config, "_name_or_path", "") or ""
+    meta = {"strategy": plan.config.to_dict(), "merged": merged, "model_class": _model_class(inner.config).__name__,
+            "processor_class": _processor_class(processor), "base_model": base_path, "modules_to_save": [],
+            "bare_params": [], "not_for_loading": []}
     if merged:
         if plan.adapter_names:
             model = model.merge_and_unload()
+        dtype = _stored_dtype(model.config)
+        if dtype is not None:
+            for param in model.parameters():
+                if param.is_floating_point() and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
         model.save_pretrained(directory)
+        meta["format"] = "full"
     else:
         if plan.adapter_names:
-            model.save_pretrained(directory)  # peft: adapter_config.json + adapter weights
+            _save_complete_adapter(directory, plan, meta)
+            meta["format"] = "peft"
+            meta["not_for_loading"] = [WEIGHTS]  # everything in it is in the adapter too
+        else:
+            meta["format"] = "trainable"
         save_file(trainable_state(plan), str(directory / WEIGHTS))
     if processor is not None:
         processor.save_pretrained(directory)
-    (directory / "freezetune.json").write_text(json.dumps(
-        {"strategy": plan.config.to_dict(), "merged": merged, "trainable": plan.ever_trainable_names[:10000]}, indent=1))
+    meta["trainable"] = plan.ever_trainable_names[:10000]
+    (directory / FINAL_META).write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def _save_complete_adapter(directory: Path, plan, meta: dict) -> None:
+    """peft's adapter folder (LoRA weights only) + the fully trained modules as ``modules_to_save``."""
+    model = plan.model
+    model.save_pretrained(directory)  # adapter_config.json + adapter_model.safetensors: LoRA only
+    others = [n for n in plan.ever_trainable_names if n not in plan.adapter_names]
+    if not others:
+        return
+    names, bare = modules_to_save(model, others)
+    weights_file = directory / ADAPTER_WEIGHTS
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{directory}: peft wrote no {ADAPTER_WEIGHTS} (safetensors off?)")
+    weights = load_file(str(weights_file))
+    params = dict(model.named_parameters())
+    # peft saves a module-to-save's weights under the wrapped model's parameter names (its
+    # ``modules_to_save.<adapter>`` infix removed) and loads them back into the module's trained copy
+    for name in others:
+        weights[name] = params[name].detach().to("cpu").contiguous()
+    save_file(weights, str(weights_file), metadata={"format": "pt"})
+    config_file = directory / ADAPTER_CONFIG
+    config = json.loads(config_file.read_text())
+    config["modules_to_save"] = sorted(set(config.get("modules_to_save") or []) | set(names)) or None
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+    meta["modules_to_save"], meta["bare_params"] = names, bare
+
+
+def _processor_class(processor) -> str | None:
+    """The Auto class that reads the saved processor back: AutoProcessor for a VLM's, else AutoTokenizer."""
+    if processor is None:
+        return None
+    return "AutoProcessor" if hasattr(processor, "tokenizer") else "AutoTokenizer"
+
+
+def _stored_dtype(config) -> torch.dtype | None:
+    """The floating dtype the base checkpoint was stored in (``config.dtype``), if the config says."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
