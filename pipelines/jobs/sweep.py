@@ -53,7 +53,8 @@ def run_trial(config: dict, plan: SweepPlan, model_path: str, trials_storage: st
     when, trial_dir = cfg.analysis.importance, os.path.join(local_trials, trial_id)
     if when in ("before", "both"):
         trial_importance(cfg, model_path, "before", trial_dir)
-    result = make_trainer(cfg, model_path, trial_id, [TuneReportCallback()], trials_storage).fit()
+    result = make_trainer(cfg, model_path, trial_id, [TuneReportCallback()], trials_storage,
+                          score=(plan.spec.sweep.metric, plan.spec.sweep.mode)).fit()
     if when in ("after", "both") and result.checkpoint is not None:
         trial_importance(cfg, model_path, "after", trial_dir, checkpoint=result.checkpoint.path)
 
@@ -165,6 +166,9 @@ def log_sweep_summary(parent: MlflowRun, summary: dict, metric: str) -> None:
     """The ranked trials, and the best one's settings and score."""
     parent.log_text(summary["text"], "summary/ranked.txt")
     parent.log_dict(summary["rows"], "summary/ranked.json")
+    if summary["rows"]:  # the same rows as an MLflow table: sortable in the UI, one column per searched setting
+        parent.log_table([{**{k: v for k, v in r.items() if k != "params"}, **r["params"]} for r in summary["rows"]],
+                         "summary/ranked_table.json")
     top = summary["rows"][0] if summary["rows"] else None
     best = top if top and top["outcome"] != "failed" and top.get("rank") is not None else None
     if best:

@@ -43,10 +43,24 @@ def log_run_start(prep: Prepared, run: MlflowRun) -> None:
     })
     run.log_text(render_plan(s), "plan/plan.txt")
     run.log_dict(s, "plan/plan.json")
+    run.log_table(s["param_groups"], "plan/param_groups.json")
+    for context, source, records in (("train", cfg.data.train, prep.n_train), ("eval", cfg.data.eval, prep.n_eval)):
+        if source:  # without data.eval the eval set is split off train: one dataset
+            run.log_dataset(source, name=os.path.basename(source), context=context, records=records)
     fig = lr_schedule_figure(s["param_groups"], prep.steps_per_epoch, cfg.train.epochs, cfg.train.schedule,
                              s.get("stages"), title=f"LR schedule: {s['strategy']} on {cfg.model}")
     run.log_figure(fig, "plots/lr_schedule.png")
     plt.close(fig)
+
+
+def best_checkpoint_tags(result, storage: str) -> dict:
+    """The epoch checkpoint with the lowest eval_loss (kept by the trainer's checkpoint score), as tags."""
+    scored = [(m.get("eval_loss"), m.get("epoch"), c) for c, m in (result.best_checkpoints or [])]
+    scored = [s for s in scored if isinstance(s[0], float) and s[0] == s[0]]  # NaN: no eval data, no best
+    if not scored:
+        return {}
+    loss, epoch, best = min(scored, key=lambda s: s[0])
+    return {"best_checkpoint": storage_fs.uri_of(storage, best.path), "best_epoch": epoch}
 
 
 def run_training(cfg: RunConfig, address: str | None = None, resume: bool = False) -> dict:
@@ -90,7 +104,7 @@ def run_training(cfg: RunConfig, address: str | None = None, resume: bool = Fals
             log_trial_importance(uri, run.run_id, analysis_dir)
         if checkpoint:
             final_model = storage_fs.join(checkpoint, "final_model") if cfg.train.save != "none" else ""
-            run.set_tags({"checkpoint": checkpoint, "final_model": final_model})
+            run.set_tags({"checkpoint": checkpoint, "final_model": final_model, **best_checkpoint_tags(result, storage)})
             log_trained_model(cfg, uri, run.run_id, result.checkpoint, checkpoint, base_model=prep.model_path)
         return {"run_id": run.run_id, "run_name": run_name, "checkpoint": checkpoint,
                 "metrics": tracking.client(uri).get_run(run.run_id).data.metrics, "tracking_uri": uri}

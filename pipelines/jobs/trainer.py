@@ -18,9 +18,10 @@ from pipelines.training.worker import train_loop_per_worker
 
 
 def make_trainer(cfg: RunConfig, model_path: str, run_name: str, callbacks: list, storage_path: str, loop=None,
-                 extra_loop_config: dict | None = None) -> TorchTrainer:
+                 extra_loop_config: dict | None = None, score: tuple[str, str] = ("eval_loss", "min")) -> TorchTrainer:
     """A TorchTrainer running ``loop`` (default: the shipped worker loop) on ``cfg.resources.num_workers``
-    workers; the same name in the same storage continues the same run on restart."""
+    workers; the same name in the same storage continues the same run on restart. Of the epoch checkpoints,
+    the best by ``score`` (metric, mode) is kept as well as the latest (Ray keeps the latest for resume)."""
     res = cfg.resources
     return TorchTrainer(
         loop or train_loop_per_worker,
@@ -33,6 +34,7 @@ def make_trainer(cfg: RunConfig, model_path: str, run_name: str, callbacks: list
             storage_path=storage_path,
             callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=score[0],
+                                                         checkpoint_score_order=score[1]),
         ),
     )

@@ -71,6 +71,12 @@ class MlflowRun:
     def log_figure(self, figure, artifact_file: str) -> None:
         store.log_figure(self.uri, self.run_id, figure, artifact_file)
 
+    def log_table(self, rows: list[dict], artifact_file: str) -> None:
+        store.log_table(self.uri, self.run_id, rows, artifact_file)
+
+    def log_dataset(self, source: str, name: str, context: str, records: int | None = None) -> None:
+        store.log_dataset(self.uri, self.run_id, source, name, context, records)
+
     # --- the end ------------------------------------------------------------------------------------
     def end(self, status: str = "FINISHED", error: str | None = None) -> None:
         """FINISHED | FAILED | KILLED; a FAILED run carries its ``error`` tag."""

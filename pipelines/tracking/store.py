@@ -209,6 +209,43 @@ def log_dict(uri: str, run_id: str, data: dict | list, artifact_file: str) -> No
     retry(client(uri).log_dict, run_id, data, artifact_file)
 
 
+def log_table(uri: str, run_id: str, rows: list[dict], artifact_file: str) -> None:
+    """Rows of one shape as an MLflow table (the run's Evaluation/Artifacts view can sort and compare it)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    data = {k: [row.get(k) for row in rows] for k in columns}
+    retry(client(uri).log_table, run_id, data, artifact_file)
+
+
+def log_dataset(uri: str, run_id: str, source: str, name: str, context: str, records: int | None = None) -> None:
+    """A data file as the run's input dataset (name, content digest, source), MLflow's `log_input`."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    with warnings.catch_warnings():  # a local path reads as two equivalent source types; either is right
+        warnings.simplefilter("ignore", UserWarning)
+        dataset_source = resolve_dataset_source(source)
+    entity = Dataset(name=name, digest=_file_digest(source), source_type=dataset_source._get_source_type(),
+                     source=dataset_source.to_json(),
+                     profile=json.dumps({"num_records": records}) if records is not None else None)
+    retry(client(uri).log_inputs, run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
+
+
+def _file_digest(path: str) -> str:
+    """The file's content digest (sha256, first 12 hex), read in chunks; a URI's is its name's."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if paths.is_uri(path) or not os.path.isfile(path):
+        h.update(path.encode())
+    else:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:12]
+
+
 def log_figure(uri: str, run_id: str, figure, artifact_file: str) -> None:
     retry(client(uri).log_figure, run_id, figure, artifact_file)
 

@@ -61,7 +61,7 @@ def test_demo_sweep_one_parent_one_child_per_trial(ray_session, demo_root, workd
         assert epochs == list(range(1, len(epochs) + 1)) and epochs  # per-epoch, no duplicates
         assert not {"pid", "timestamp", "time_total_s"} & set(run.data.metrics)
     ranked = {a.path for a in c.list_artifacts(parent.info.run_id, "summary")}
-    assert {"summary/ranked.txt", "summary/ranked.json"} <= ranked
+    assert {"summary/ranked.txt", "summary/ranked.json", "summary/ranked_table.json"} <= ranked
     print(f"demo sweep: {took:.0f} s for 4 trials")
 
 

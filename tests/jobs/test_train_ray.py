@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -58,7 +59,14 @@ def test_two_worker_run_learns_and_is_logged(ray_session, workdir, demo_files, m
     assert run.data.tags["parts_trained"]
     artifacts = {a.path for a in tracking.client(uri).list_artifacts(run_id, "plan")} | {
         a.path for a in tracking.client(uri).list_artifacts(run_id, "plots")}
-    assert {"plan/plan.txt", "plan/plan.json", "plots/lr_schedule.png"} <= artifacts
+    assert {"plan/plan.txt", "plan/plan.json", "plan/param_groups.json", "plots/lr_schedule.png"} <= artifacts
+    inputs = {(d.dataset.name, tag.value, json.loads(d.dataset.source)["uri"], json.loads(d.dataset.profile)["num_records"])
+              for d in run.inputs.dataset_inputs for tag in d.tags if tag.key == "mlflow.data.context"}
+    assert inputs == {(Path(demo_files["train"]).name, "train", str(demo_files["train"]), 64),
+                      (Path(demo_files["eval"]).name, "eval", str(demo_files["eval"]), 16)}, inputs
+    # the best epoch's checkpoint is kept by eval_loss next to the latest one (it learns: the best is the last)
+    best_epoch = min(eval_curve, key=lambda point: point[1])[0]
+    assert run.data.tags["best_epoch"] == str(best_epoch) and Path(run.data.tags["best_checkpoint"]).is_dir()
     final = Path(result["checkpoint"]) / "final_model"
     assert (final / "trainable.safetensors").is_file()
     if strategy["name"] == "connector_llm_lora":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipelines import tracking
@@ -60,3 +62,25 @@ def test_a_child_run_names_its_parent(uri):
         with MlflowRun.start(uri, "lifecycle", "child", parent_run_id=parent.run_id) as child:
             pass
     assert _run(uri, child.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
+
+
+def test_datasets_and_tables_use_mlflows_own_records(uri, tmp_path):
+    """log_input: name, content digest, source and record count; log_table: a table MLflow reads back."""
+    import hashlib
+    import json
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a"}\n{"text": "b"}\n')
+    with MlflowRun.start(uri, "lifecycle", "inputs") as run:
+        run.log_dataset(str(data), name="train.jsonl", context="train", records=2)
+        run.log_table([{"name": "language", "lr": 1e-4}, {"name": "head", "lr": 1e-3, "params": 10}], "plan/groups.json")
+    got = _run(uri, run.run_id)
+    (item,) = got.inputs.dataset_inputs
+    assert item.dataset.name == "train.jsonl" and json.loads(item.dataset.source)["uri"] == str(data)
+    assert item.dataset.digest == hashlib.sha256(data.read_bytes()).hexdigest()[:12]
+    assert json.loads(item.dataset.profile) == {"num_records": 2}
+    assert [(t.key, t.value) for t in item.tags] == [("mlflow.data.context", "train")]
+    saved = json.loads(Path(tracking.client(uri).download_artifacts(run.run_id, "plan/groups.json", str(tmp_path))).read_text())
+    assert saved["columns"] == ["name", "lr", "params"]
+    assert [row[:2] for row in saved["data"]] == [["language", 1e-4], ["head", 1e-3]]
+    assert "plan/groups.json" in got.data.tags["mlflow.loggedArtifacts"]  # what MLflow's table views read
