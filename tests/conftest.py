@@ -60,3 +60,18 @@ def demo_root(workdir):
 
     resolve_demo_uri("demo:base")
     return root
+
+
+@pytest.fixture()
+def user_store(monkeypatch):
+    """What a user does before reading models:/ or runs:/ URIs: ``mlflow.set_tracking_uri`` (MLflow resolves them
+    against the current store). Undone after the test: MLflow also writes it to $MLFLOW_TRACKING_URI."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
+    else:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return mlflow.set_tracking_uri

@@ -7,7 +7,6 @@ The load side is what a user runs: mlflow + transformers + peft.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import mlflow
@@ -37,19 +36,6 @@ def run_config(root: Path, data: dict, model_dir: str, **train) -> dict:
         "train": {"epochs": 1, "batch_size": 8, "save": "adapter", "eval_max_batches": 1, **train},
         "resources": {"num_workers": 1, "cpus_per_worker": 1},
     }
-
-
-@pytest.fixture()
-def user_store(monkeypatch):
-    """``mlflow.set_tracking_uri`` as a user calls it (models:/ and runs:/ resolve against it); undone after."""
-    from mlflow.tracking._tracking_service import utils
-
-    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)
-    if "MLFLOW_TRACKING_URI" in os.environ:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
-    else:
-        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return mlflow.set_tracking_uri
 
 
 def processor_batch(folder: str, demo_files: dict) -> dict:

@@ -4,6 +4,7 @@ as Ray writes it: checkpoints land in the bucket, a killed run resumes from them
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import boto3
 import psutil
 import pytest
 import yaml
@@ -23,8 +25,9 @@ from pipelines import tracking
 pytestmark = pytest.mark.slow  # a server, Ray, subprocesses and a kill
 
 # 5.2.0-5.2.1 answer CompleteMultipartUpload with a root element pyarrow refuses (getmoto/moto#10055)
-pytest.importorskip("moto", minversion="5.2.2", reason="moto[server]>=5.2.2 (the dev extra) serves S3 here")
-boto3 = pytest.importorskip("boto3")
+# moto[server]>=5.2.2 is in the dev extra: a missing or older moto is a failure here, never a skip
+MOTO_VERSION = tuple(int(x) for x in importlib.metadata.version("moto").split(".")[:3])
+assert MOTO_VERSION >= (5, 2, 2), f"moto {MOTO_VERSION} cannot serve pyarrow's uploads; pip install -e '.[dev]'"
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "freezetune-test"

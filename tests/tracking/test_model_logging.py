@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -38,20 +37,6 @@ B = {"name": "connector_llm_lora", "lora_r": 4, "lora_alpha": 8}
 @pytest.fixture()
 def uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-
-@pytest.fixture()
-def user_store(monkeypatch):
-    """What a user does before reading models:/ or runs:/ URIs: ``mlflow.set_tracking_uri`` (MLflow resolves them
-    against the current store). Undone after the test: MLflow also writes it to $MLFLOW_TRACKING_URI."""
-    from mlflow.tracking._tracking_service import utils
-
-    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)
-    if "MLFLOW_TRACKING_URI" in os.environ:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
-    else:
-        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return mlflow.set_tracking_uri
 
 
 @pytest.fixture(scope="module")
