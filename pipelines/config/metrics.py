@@ -17,6 +17,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "peak_memory_mb": ("peak memory of rank 0 (CUDA allocated, else process RSS)", "min"),
     "trainable_params": ("parameters that train in the epoch", "min"),
     "total_params": ("parameters of the model", "min"),
+    "grad_norm": ("global L2 norm of the trainable gradients before clipping (all shards), mean over the epoch's "
+                  "steps", "min"),
     "optimizer_steps": ("optimizer steps so far", "max"),
     "epoch": ("the epoch (1-based)", "max"),
     "amp_skipped_steps": ("fp16: optimizer steps the GradScaler skipped (inf/nan gradients)", "min"),

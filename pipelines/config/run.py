@@ -22,6 +22,8 @@ from strategies.settings import setting as _f
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SAVE_MODES = ("adapter", "merged", "none")
+LOSS_ON = ("assistant", "all")
+PARALLEL = ("auto", "ddp", "fsdp")
 LOAD_DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
@@ -62,6 +64,8 @@ class TrainSettings:
     log_model: str | None = _f(None, "final model logged to MLflow as the run's model (runs:/RUN/model, registrable): "
                                      "adapter | merged | none; it must be what train.save writes; default: "
                                      "what train.save writes (adapter), under the log_model_max_gb guard")
+    loss_on: str = _f("assistant", "chat records (messages / sharegpt / alpaca): loss on the assistant turns only "
+                                   "(assistant) or on every token of the rendered conversation (all)")
     log_model_max_gb: float = _f(5.0, "size guard: a final model larger than this (GB) is not uploaded to MLflow; "
                                       "a warning and the run tag `logged_model` say so (it stays in the checkpoint)")
 
@@ -75,6 +79,8 @@ class TrainSettings:
             _positive_int(getattr(self, key), f"{where}.{key}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"{where}.precision = {self.precision!r}: use fp32, bf16 or fp16.")
+        if self.loss_on not in LOSS_ON:
+            raise ConfigError(f"{where}.loss_on = {self.loss_on!r}: use assistant or all.")
         if self.save not in SAVE_MODES:
             raise ConfigError(f"{where}.save = {self.save!r}: use adapter, merged or none.")
         if self.log_model is not None and self.log_model not in SAVE_MODES:
@@ -110,6 +116,9 @@ class Resources:
     gpus_per_worker: float | None = _f(None, "GPUs per worker (default 1 when use_gpu; > 0 implies use_gpu)")
     resources_per_worker: dict[str, float] = _f({}, "custom Ray resources per worker, e.g. {accelerator_type:H100: 0.01}")
     max_failures: int = _f(1, "worker-group restarts from the last checkpoint before the run fails")
+    parallel: str = _f("auto", "how the workers share the model: ddp (a replica per worker) | fsdp (FSDP2: "
+                               "weights, grads and AdamW state sharded over the workers) | auto (fsdp when the "
+                               "plan's bytes do not fit a worker's GPU, else ddp)")
 
     def validate(self, where: str = "resources") -> None:
         _positive_int(self.num_workers, f"{where}.num_workers")
@@ -117,6 +126,8 @@ class Resources:
             raise ConfigError(f"{where}.cpus_per_worker must be > 0.")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise ConfigError(f"{where}.gpus_per_worker = {self.gpus_per_worker}: must be >= 0 (0 = CPU workers).")
+        if self.parallel not in PARALLEL:
+            raise ConfigError(f"{where}.parallel = {self.parallel!r}: use auto, ddp or fsdp.")
         if self.max_failures < -1:
             raise ConfigError(f"{where}.max_failures = {self.max_failures}: must be >= 0, or -1 to retry without limit.")
         for key, amount in self.resources_per_worker.items():

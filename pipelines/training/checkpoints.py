@@ -4,6 +4,10 @@ A checkpoint holds what cannot be rebuilt: the weights that train (never the
 frozen ones), optimizer, scheduler and scaler state, epoch, optimizer step
 and RNG. Everything is read back as weights only (safetensors, and
 ``torch.load(weights_only=True)``): a checkpoint cannot run code.
+
+Sharded (FSDP2) runs write the weights and the optimizer state with torch distributed checkpoint (DCP): every
+rank writes its own shard files into its directory, Ray Train gathers the ranks' directories into one
+checkpoint, and resume reads it back on the same number of ranks or another.
 """
 
 from __future__ import annotations
@@ -62,6 +66,71 @@ def load(directory, model, optimizer, scheduler, scaler) -> dict:
     torch.set_rng_state(state["torch_rng"])
     random.setstate(_as_tuple(state["python_rng"]))
     return json.loads((directory / META).read_text())
+
+
+# --- sharded (FSDP2): every rank calls these -----------------------------------------------------------------
+
+SHARDS = "shards"  # the DCP folder: __<rank>_0.distcp per rank + .metadata (rank 0)
+
+
+def _sharded_state(plan, optimizer) -> dict:
+    """The DCP state: the trainable weights (DTensors, this rank's shards) and the optimizer state keyed by
+    parameter name. Reading the optimizer's state creates it for parameters that train now and have none
+    yet (a zero step at LR 0), so on load it must be called with the checkpoint's trainable set."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, optim = get_state_dict(plan.model, optimizer)
+    keep = set(plan.ever_trainable_names)
+    return {"model": {k: v for k, v in weights.items() if k in keep}, "optim": optim}
+
+
+def save_sharded(directory, plan, optimizer, scheduler, scaler, rank: int, epoch: int, step: int,
+                 metrics: dict | None = None) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    directory = Path(directory)
+    dcp.save(_sharded_state(plan, optimizer), checkpoint_id=str(directory / SHARDS))
+    if rank == 0:  # the same on every rank
+        torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, directory / STATE)
+        (directory / META).write_text(json.dumps({"epoch": epoch, "step": step, "strategy": plan.strategy.name,
+                                                  "metrics": metrics or {}, "sharded": True}))
+
+
+def is_sharded_checkpoint(directory) -> bool:
+    return (Path(directory) / SHARDS).is_dir()
+
+
+def load_sharded(directory, plan, optimizer, scheduler, scaler) -> dict:
+    """Restore a sharded checkpoint into a sharded model and its optimizer; returns its meta.
+
+    The checkpoint's own stage is applied first: DCP restores optimizer state only for parameters that
+    train at load time (pytorch#192202), so a progressive run resumed after a thaw would otherwise silently
+    restart the thawed blocks' AdamW moments. The caller applies the next epoch's stage after."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    directory = Path(directory)
+    meta = json.loads((directory / META).read_text())
+    plan.apply(meta["epoch"])
+    state = _sharded_state(plan, optimizer)
+    # trainable tensors that never got a gradient have no saved state (AdamW made none): allow that
+    dcp.load(state, checkpoint_id=str(directory / SHARDS),
+             planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    set_state_dict(plan.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_not_strict())
+    rest = torch.load(directory / STATE, weights_only=True)
+    scheduler.load_state_dict(rest["scheduler"])
+    scaler.load_state_dict(rest["scaler"])
+    torch.set_rng_state(rest["torch_rng"])
+    random.setstate(_as_tuple(rest["python_rng"]))
+    return meta
+
+
+def _not_strict():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(strict=False)  # the frozen weights are not in a checkpoint: they come from the base
 
 
 def _as_tuple(value):

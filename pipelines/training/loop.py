@@ -4,9 +4,13 @@ Runs inside a Ray Train worker (``pipelines.training.worker``) or in-process
 (``run_loop`` with ``world_size=1``). Every strategy goes through the same
 loop; the plan from ``strategies`` decides what trains and at which LR.
 
-Phases: set-up (seed, model, plan, data, optimizer, schedule, resume) →
+Phases: set-up (seed, model, plan, data, FSDP2 sharding, optimizer, schedule, resume) →
 per epoch (thaw, DDP wrap, one ``step.train_step`` per accumulation window,
 eval, report + checkpoint) → final model. No Ray and no MLflow here.
+
+``resources.parallel`` picks how several workers share the work: ``ddp`` replicates the model on every
+rank; ``fsdp`` shards parameters, gradients and optimizer state over the ranks (``sharding``); ``auto``
+shards when the plan's bytes do not fit the worker's GPU.
 
 Reports the metrics of ``pipelines.config.metrics``: ``eval_accuracy`` for sequence classifiers only, and
 NaN eval metrics when no eval example was scored (a 0 would rank as the best loss of a sweep).
@@ -31,11 +35,12 @@ from torch.nn.parallel import DistributedDataParallel
 from pipelines.config.run import RunConfig
 from pipelines.data.dataset import collate, load_datasets, shard
 from pipelines.models.loading import load_model, load_processor
-from pipelines.training import checkpoints
+from pipelines.training import checkpoints, sharding
 from pipelines.training.precision import LOAD_DTYPES, apply_precision_policy, held_bytes
 from pipelines.training.recompute import enable_activation_checkpointing
 from pipelines.training.step import (correct_predictions, forward, is_classification, labelled_tokens, summed_loss,
                                      train_step)
+from strategies.memory import human_bytes
 from strategies.plan import Plan, build_plan
 from strategies.schedules import build_scheduler
 
@@ -77,11 +82,56 @@ def _all_reduce_sum(values: list[float], env: WorkerEnv) -> list[float]:
     return t.tolist()
 
 
+def _all_reduce_max(value: float, env: WorkerEnv) -> float:
+    if env.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
 def _batches(dataset, batch_size: int, pad_id: int, epoch_seed: int | None) -> list[dict]:
     order = list(range(len(dataset)))
     if epoch_seed is not None:
         random.Random(epoch_seed).shuffle(order)
     return [collate([dataset[i] for i in order[j : j + batch_size]], pad_id) for j in range(0, len(order), batch_size)]
+
+
+def build_model(cfg: RunConfig, model_path: str) -> Plan:
+    """The model as it trains: loaded, planned (LoRA wrapped), precision policy applied; on the CPU."""
+    options = cfg.model_options
+    model = load_model(model_path, trust_remote_code=cfg.trust_remote_code, dtype=LOAD_DTYPES[options.dtype],
+                       attn_implementation=options.attn_implementation)
+    plan: Plan = build_plan(model, cfg.strategy)
+    # fp32 for whatever trains at some point (later thaws and LoRA included), the compute dtype for the rest
+    apply_precision_policy(plan.model, plan.ever_trainable_names, cfg.train.precision)
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(plan.model)
+    return plan
+
+
+def choose_parallel(cfg: RunConfig, plan: Plan, env: WorkerEnv) -> str:
+    """ddp or fsdp for this run: what ``resources.parallel`` asks; ``auto`` shards when the plan's bytes
+    (weights, grads, AdamW state at the largest stage, activations at the configured batch) do not fit the
+    worker's GPU. One worker has nothing to shard with."""
+    wanted = cfg.resources.parallel
+    if env.world_size == 1:
+        if wanted == "fsdp":
+            log.info("resources.parallel = fsdp with one worker: nothing to shard over, training unsharded")
+        return "ddp"
+    if wanted != "auto":
+        return wanted
+    if env.device.type != "cuda":
+        return "ddp"  # CPU workers: no device memory to run out of before the host's
+    stage = plan.num_stages
+    summary = plan.summary(epoch=stage, precision=cfg.train.precision, batch=cfg.train.batch_size,
+                           length=cfg.data.max_length, checkpointing=cfg.train.activation_checkpointing)
+    need = summary["memory"]["total_bytes"] + summary["memory"].get("activations", {}).get("total_bytes", 0)
+    have = torch.cuda.get_device_properties(env.device).total_memory
+    choice = "fsdp" if need > 0.9 * have else "ddp"
+    log.info("resources.parallel = auto: the plan needs %s per replica, the GPU has %s: %s", human_bytes(need),
+             human_bytes(have), choice)
+    return choice
 
 
 def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
@@ -91,28 +141,30 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
     seed_everything(cfg.seed)
 
     # --- set-up: model, plan, data -------------------------------------------
-    options = cfg.model_options
-    model = load_model(model_path, trust_remote_code=cfg.trust_remote_code, dtype=LOAD_DTYPES[options.dtype],
-                       attn_implementation=options.attn_implementation)
+    plan = build_model(cfg, model_path)
     processor = load_processor(model_path, trust_remote_code=cfg.trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    plan: Plan = build_plan(model, cfg.strategy)
-    # fp32 for whatever trains at some point (later thaws and LoRA included), the compute dtype for the rest
-    apply_precision_policy(plan.model, plan.ever_trainable_names, t.precision)
-    if t.activation_checkpointing:
-        enable_activation_checkpointing(plan.model)
     model = plan.model.to(env.device)
-    train_set, eval_set = load_datasets(cfg.data, processor, seed=cfg.seed)
+    train_set, eval_set = load_datasets(cfg.data, processor, seed=cfg.seed, loss_on=cfg.train.loss_on)
     train_shard = shard(train_set, env.rank, env.world_size)
     eval_shard = eval_part(eval_set, env.rank, env.world_size)
     classifier = is_classification(train_set[0]["labels"], batched=False)  # reports eval_accuracy too
+    first_batch = collate(train_shard[: t.batch_size], pad_id)
+
+    # --- sharding: FSDP2 units over the ranks; one warm-up forward before any freezing (see sharding.warm_up)
+    sharded = choose_parallel(cfg, plan, env) == "fsdp"
+    if sharded:
+        sharding.shard_model(model, plan, t.precision)
+        sharding.warm_up(model, plan, first_batch, lambda m, b: forward(m, b, t.precision, env.device), stage=1)
+        if env.rank == 0:
+            log.info("FSDP2 over %d ranks: %d units + the root", env.world_size, len(sharding.unit_paths(plan)))
 
     steps_per_epoch = math.ceil(math.ceil(len(train_shard) / t.batch_size) / t.grad_accum)
     total_steps = steps_per_epoch * t.epochs
     optimizer = torch.optim.AdamW(plan.param_groups(), betas=tuple(t.adam_betas), eps=t.adam_eps)
     scheduler = build_scheduler(optimizer, total_steps, t.schedule)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
+    scaler = _grad_scaler(env.device, enabled=t.precision == "fp16", sharded=sharded)
     # VLMs read vision features from a chosen layer (LLaVA: -2), so trained vision blocks/norms above it get no
     # gradient: DDP must look for unused parameters then, and only then (it costs a graph traversal per step).
     trains_vision = any(plan.parts.part_of(n) == "vision" for n in plan.ever_trainable_names)
@@ -120,7 +172,12 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
 
     start_epoch, step = 1, 0
     if env.resume_dir:
-        state = checkpoints.load(env.resume_dir, model, optimizer, scheduler, scaler)
+        if checkpoints.is_sharded_checkpoint(env.resume_dir) != sharded:
+            raise ValueError(f"checkpoint {env.resume_dir} was written {'un' if sharded else ''}sharded and this run "
+                             f"is {'' if sharded else 'not '}sharded; resume with the resources.parallel and "
+                             "num_workers it was written with")
+        state = (checkpoints.load_sharded(env.resume_dir, plan, optimizer, scheduler, scaler) if sharded else
+                 checkpoints.load(env.resume_dir, model, optimizer, scheduler, scaler))
         start_epoch, step = state["epoch"] + 1, state["step"]
         log.info("rank %d: resumed from %s at epoch %d (optimizer step %d)", env.rank, env.resume_dir, start_epoch, step)
 
@@ -137,11 +194,11 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
         plan.apply(epoch)
         trainable = [p for p in model.parameters() if p.requires_grad]
         trainable_ids = frozenset(id(p) for p in trainable)
-        if env.world_size > 1 and trainable_ids != wrapped_for:
+        if env.world_size > 1 and not sharded and trainable_ids != wrapped_for:
             ddp_model = DistributedDataParallel(model, find_unused_parameters=find_unused,
                                                 device_ids=[env.device.index] if env.device.type == "cuda" else None)
             wrapped_for = trainable_ids
-        net = ddp_model if env.world_size > 1 else model
+        net = ddp_model if env.world_size > 1 and not sharded else model
 
         # --- train ------------------------------------------------------------
         model.train()
@@ -149,6 +206,7 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
         batches = _batches(train_shard, t.batch_size, pad_id, epoch_seed=cfg.seed * 1000 + epoch)
         loss_sum = tokens = seen_tokens = 0.0
         skipped = grads_bytes = 0
+        norms = []
         unused = (0, 0)  # trainable (elements, tensors) that got no gradient: no grad buffer, no AdamW state
         for window in windows(batches, t.grad_accum):
             try:
@@ -164,6 +222,7 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
             seen_tokens += done.input_tokens
             skipped += done.skipped
             grads_bytes = max(grads_bytes, done.grads_bytes)
+            norms.append(done.grad_norm)
             unused = max(unused, (done.no_grad_elements, done.no_grad_tensors))
             step += 1
         seconds = time.perf_counter() - started
@@ -171,7 +230,8 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
         train_loss = loss_sum / max(tokens, 1)
 
         # --- eval ---------------------------------------------------------------
-        totals = evaluate(model, eval_shard, t.batch_size, pad_id, t.precision, env, t.eval_max_batches)
+        totals = evaluate(model, eval_shard, t.batch_size, pad_id, t.precision, env, t.eval_max_batches,
+                          filler=first_batch if sharded else None)
         if not totals.terms and env.rank == 0 and not warned:
             # NaN, never 0: a 0 would be a perfect score that ASHA keeps and `compare` ranks first
             log.warning("no eval data: %s; eval_loss is NaN and a sweep will not rank this run",
@@ -188,9 +248,11 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
             "epoch_seconds": seconds,
             "peak_memory_mb": peak_memory_mb(env.device),
             "optimizer_steps": step,
+            "grad_norm": sum(norms) / len(norms) if norms else float("nan"),
             # what this rank holds, counted from its tensors (the plan predicts the same three)
             **{f"memory/{k}": v for k, v in held_bytes(model, optimizer).items()},
             "memory/grads_bytes": grads_bytes,
+            "memory/shards": env.world_size if sharded else 1,
             "memory/trainable_without_grad": unused[0],
             "memory/trainable_tensors_without_grad": unused[1],
         }
@@ -206,16 +268,45 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
         for group in optimizer.param_groups:
             metrics[f"lr/{group['name']}"] = group["lr"]
 
-        # --- checkpoint (rank 0 writes, every rank reports: report is a barrier)
+        # --- checkpoint (rank 0 writes, or every rank its shards; every rank reports: report is a barrier)
         final = epoch == t.epochs
         with tempfile.TemporaryDirectory(prefix="freezetune-ckpt-") as tmp:
             ckpt_dir = None
-            if env.rank == 0:
-                checkpoints.save(tmp, plan, optimizer, scheduler, scaler, epoch=epoch, step=step, metrics=metrics)
-                if final and t.save != "none":
-                    checkpoints.save_final_model(Path(tmp) / "final_model", plan, processor, merged=t.save == "merged")
+            if sharded:
+                checkpoints.save_sharded(tmp, plan, optimizer, scheduler, scaler, env.rank, epoch=epoch, step=step,
+                                         metrics=metrics)
                 ckpt_dir = tmp
+            elif env.rank == 0:
+                checkpoints.save(tmp, plan, optimizer, scheduler, scaler, epoch=epoch, step=step, metrics=metrics)
+                ckpt_dir = tmp
+            if final and t.save != "none":
+                _save_final_model(Path(tmp) / "final_model", cfg, model_path, plan, processor, env, sharded)
             report(metrics, ckpt_dir)
+
+
+def _grad_scaler(device: torch.device, enabled: bool, sharded: bool):
+    """fp16's loss scaler; sharded, it agrees across ranks on skipping a step (an inf in one rank's shard)."""
+    if sharded and enabled:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type)
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
+def _save_final_model(directory: Path, cfg: RunConfig, model_path: str, plan: Plan, processor, env: WorkerEnv,
+                      sharded: bool) -> None:
+    """Rank 0 writes the final model. Sharded, every rank first gathers the trained weights onto rank 0
+    (one parameter at a time), which loads them into an unsharded copy of the model and saves that."""
+    merged = cfg.train.save == "merged"
+    if not sharded:
+        if env.rank == 0:
+            checkpoints.save_final_model(directory, plan, processor, merged=merged)
+        return
+    trained = sharding.full_trained_state(plan.model, plan.ever_trainable_names, env.rank)
+    if env.rank == 0:
+        whole = build_model(cfg, model_path)
+        whole.model.load_state_dict(trained, strict=False)
+        checkpoints.save_final_model(directory, whole, processor, merged=merged)
 
 
 # --- eval ------------------------------------------------------------------------------------
@@ -251,20 +342,27 @@ class EvalTotals:
 
 @torch.no_grad()
 def evaluate(model, dataset, batch_size: int, pad_id: int, precision: str, env: WorkerEnv,
-             max_batches: int | None = None) -> EvalTotals:
+             max_batches: int | None = None, filler: dict | None = None) -> EvalTotals:
     """The loss (and a classifier's right answers) over this worker's eval examples, summed over all workers.
-    Every rank must call it (the all-reduce), with or without examples of its own."""
+    Every rank must call it (the all-reduce), with or without examples of its own.
+
+    A sharded model all-gathers in every forward, so every rank must run as many: give ``filler`` (any
+    batch) and a rank with fewer eval batches runs it, unscored, until the rank with the most is done."""
     model.eval()
     loss_sum = terms = correct = examples = 0.0
-    for i, batch in enumerate(_batches(dataset, batch_size, pad_id, epoch_seed=None)):
-        if max_batches is not None and i >= max_batches:
-            break
+    batches = _batches(dataset, batch_size, pad_id, epoch_seed=None)[:max_batches]
+    if filler is not None:
+        most = int(_all_reduce_max(len(batches), env))
+        for _ in range(most - len(batches)):
+            forward(model, filler, precision, env.device)
+    for batch in batches:
         logits, labels = forward(model, batch, precision, env.device)
         loss_sum += float(summed_loss(logits, labels))
         terms += labelled_tokens(batch)
         if is_classification(labels):
             correct += correct_predictions(logits, labels)
         examples += len(labels)
+    sharding.reshard(model)
     return EvalTotals(*_all_reduce_sum([loss_sum, terms, correct, examples], env))
 
 

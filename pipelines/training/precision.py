@@ -33,13 +33,19 @@ def apply_precision_policy(model: torch.nn.Module, trainable_names, precision: s
             param.data = param.data.to(want)
 
 
+def local_bytes(tensor: torch.Tensor) -> int:
+    """Bytes this rank holds of ``tensor``: its own shard when FSDP sharded it (a DTensor), else all of it."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
+
+
 def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """What this rank holds now, counted from the tensors: parameters and optimizer state."""
-    return {"weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),  # tied ones once
-            "optimizer_bytes": sum(v.numel() * v.element_size() for state in optimizer.state.values()
+    return {"weights_bytes": sum(local_bytes(p) for p in model.parameters()),  # tied ones once
+            "optimizer_bytes": sum(local_bytes(v) for state in optimizer.state.values()
                                    for v in state.values() if torch.is_tensor(v))}
 
 
 def grad_bytes(params) -> int:
     """Gradient bytes held by ``params`` now (between backward and the optimizer step)."""
-    return sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    return sum(local_bytes(p.grad) for p in params if p.grad is not None)

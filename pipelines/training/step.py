@@ -33,6 +33,7 @@ class StepResult:
     grads_bytes: int = 0  # gradient bytes held after backward, counted from the tensors
     no_grad_elements: int = 0  # trainable elements that got no gradient (the model never used them)
     no_grad_tensors: int = 0
+    grad_norm: float = float("nan")  # global L2 norm of the gradients before clipping (over every shard)
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -188,8 +189,8 @@ def train_step(model, window: Sequence[dict], optimizer: torch.optim.Optimizer, 
                device: torch.device, precision: str = "fp32", max_grad_norm: float = 1.0, scheduler=None,
                scaler: torch.amp.GradScaler | None = None, timings: list | None = None,
                sync: Callable[[], None] | None = None) -> StepResult:
-    """One optimizer step over ``window``. ``model`` may be DDP-wrapped: gradients are all-reduced on the
-    window's last micro-batch only. Raises ``FloatingPointError`` on a non-finite loss (fp16: the scaler
+    """One optimizer step over ``window``. ``model`` may be DDP-wrapped or FSDP-sharded: gradients are
+    all-reduced (reduce-scattered) on the window's last micro-batch only. Raises ``FloatingPointError`` on a non-finite loss (fp16: the scaler
     skips that step instead). ``timings`` gets (forward+backward s, clip+update s) appended; ``sync`` (e.g.
     ``torch.cuda.synchronize``) runs before each clock read."""
     started = time.perf_counter()
@@ -198,6 +199,8 @@ def train_step(model, window: Sequence[dict], optimizer: torch.optim.Optimizer, 
     for i, batch in enumerate(window):
         last = i == len(window) - 1
         no_sync = getattr(model, "no_sync", None)
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: accumulate unsharded, reduce-scatter once
+            model.set_requires_gradient_sync(last)
         with contextlib.nullcontext() if last or no_sync is None else no_sync():
             summed = forward_loss(model, batch, precision, device)
             value = float(summed.detach())
@@ -212,10 +215,12 @@ def train_step(model, window: Sequence[dict], optimizer: torch.optim.Optimizer, 
     if timings is not None:
         sync and sync()
         backward_done = time.perf_counter()
-    if scaler is not None and max_grad_norm > 0:
+    if scaler is not None:
         scaler.unscale_(optimizer)  # clip true gradients, not scaled ones
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    # the norm over every gradient (clipping off: an infinite threshold only measures); FSDP's is a DTensor
+    # whose full value is the global norm over all shards
+    norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     skipped = False
     if scaler is not None:
         scale = scaler.get_scale() if scaler.is_enabled() else None
@@ -230,4 +235,5 @@ def train_step(model, window: Sequence[dict], optimizer: torch.optim.Optimizer, 
     if timings is not None:
         sync and sync()
         timings.append((backward_done - started, time.perf_counter() - backward_done))
-    return StepResult(loss_sum, window_tokens, seen, skipped, held, sum(p.numel() for p in unused), len(unused))
+    return StepResult(loss_sum, window_tokens, seen, skipped, held, sum(p.numel() for p in unused), len(unused),
+                      norm)
