@@ -11,7 +11,7 @@ from strategies.errors import SettingsError
 from strategies.settings import from_dict
 from strategies.settings import setting as _f
 
-SUFFIXES = (".jsonl", ".parquet")
+SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 class DataError(SettingsError):
@@ -20,13 +20,16 @@ class DataError(SettingsError):
 
 @dataclass
 class DataConfig:
-    train: str = _f("", "training data: a .jsonl or .parquet file (text, prompt/completion or image-text records)")
+    train: str = _f("", "training data: a .jsonl, .json (an array of records) or .parquet file of chat `messages`, "
+                        "sharegpt, alpaca, text, prompt/completion, image-text or text+label records")
     eval: str | None = _f(None, "evaluation data, same format as train (default: split eval_fraction off train)")
     eval_fraction: float = _f(0.1, "share of train held out for evaluation when `eval` is not given; in [0, 1)")
     max_length: int = _f(128, "tokens per example; longer examples are cut at the end (image tokens count too)")
     image_root: str | None = _f(None, "folder that relative image paths start from (default: the data file's folder)")
     cache_dir: str | None = _f(None, "where tokenised data is cached (default: <cache_dir>/data)")
     max_samples: int | None = _f(None, "use at most this many records of each file (quick runs)")
+    chat_template: str | None = _f(None, "Jinja chat template for chat records (messages, sharegpt, alpaca), or "
+                                         "the path of a .jinja file holding one (default: the model's own)")
     max_record_mb: float = _f(8.0, "largest record (one JSONL line or parquet row) accepted, in MB; a larger one "
                                    "is refused before any tokenisation (long texts are cut to max_length anyway)")
 
@@ -42,14 +45,14 @@ class DataConfig:
             if value is None and name == "eval":
                 continue
             if not value:
-                raise DataError(f"{where}.{name} is empty: give the path of a .jsonl or .parquet file.")
+                raise DataError(f"{where}.{name} is empty: give the path of a .jsonl, .json or .parquet file.")
             if is_uri(value):  # demo:..., s3://...: checked once resolved, before any tokenisation
                 continue
             if Path(value).is_dir():
-                raise DataError(f"{where}.{name} = {value!r} is a folder; give the path of a .jsonl or .parquet "
+                raise DataError(f"{where}.{name} = {value!r} is a folder; give the path of a .jsonl, .json or .parquet "
                                 "file in it.")
             if Path(value).suffix.lower() not in SUFFIXES:
-                raise DataError(f"{where}.{name} = {value!r}: use a .jsonl or .parquet file.")
+                raise DataError(f"{where}.{name} = {value!r}: use a .jsonl, .json or .parquet file.")
             if not Path(value).is_file():
                 raise DataError(f"{where}.{name} = {value!r}: no such file; fix the path (relative paths in a "
                                 "config file start from the file's folder).")
@@ -61,6 +64,21 @@ class DataConfig:
             raise DataError(f"{where}.max_samples = {self.max_samples}: use a positive number, or leave it unset for all records.")
         if self.max_record_mb <= 0:
             raise DataError(f"{where}.max_record_mb = {self.max_record_mb}: must be > 0, e.g. 8.")
+        if self.chat_template is not None and _names_a_file(self.chat_template) \
+                and not Path(self.chat_template).is_file():
+            raise DataError(f"{where}.chat_template = {self.chat_template!r}: no such file; fix the path, or give the "
+                            "template itself (Jinja text).")
         if self.image_root is not None and not Path(self.image_root).is_dir():
             raise DataError(f"{where}.image_root = {self.image_root!r}: no such folder.")
         return self
+
+    def chat_template_text(self) -> str | None:
+        """The chat template itself: the file's text when ``chat_template`` names a .jinja file."""
+        if self.chat_template is None or not _names_a_file(self.chat_template):
+            return self.chat_template
+        return Path(self.chat_template).read_text(encoding="utf-8")
+
+
+def _names_a_file(value: str) -> bool:
+    """A template is Jinja text (it has ``{{`` or ``{%``); anything else is the path of a file holding one."""
+    return "{{" not in value and "{%" not in value

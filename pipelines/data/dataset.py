@@ -1,6 +1,9 @@
-"""Training data: read JSONL/parquet, check it, tokenise once (cached on disk), split, shard, batch.
+"""Training data: read JSONL/JSON/parquet, check it, tokenise once (cached on disk), split, shard, batch.
 
 Record shapes (detected from the first record; every record of a file must share it):
+    messages            {"messages": [{"role", "content"}, ...]}    chat: rendered with the model's chat template,
+    sharegpt            {"conversations": [{"from", "value"}, ...]}   loss on the assistant turns (``loss_on``);
+    alpaca              {"instruction", "input"?, "output"}            images as content parts (pipelines.data.chat)
     text                {"text": ...}                               loss on every token
     prompt/completion   {"prompt": ..., "completion": ...}          loss on the completion only
     image-text          {"image": path, "prompt": ..., "response"}  through the model's processor;
@@ -20,7 +23,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +31,17 @@ import torch
 
 from pipelines.config import paths
 from pipelines.config.data import DataConfig, DataError
-from pipelines.data import storage
+from pipelines.config.run import LOSS_ON
+from pipelines.data import chat, storage
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # what HF models' loss functions skip
-CACHE_VERSION = 2  # bump when the tokenised layout changes, so old caches are not reused
+CACHE_VERSION = 3  # bump when the tokenised layout changes, so old caches are not reused
 KINDS = {  # kind -> the keys that make it (checked in this order)
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
     "image": ("image", "prompt", "response"),
     "prompt_completion": ("prompt", "completion"),
     "classification": ("text", "label"),
@@ -51,12 +58,16 @@ class _Record:
     where: str  # "file, line N" for messages
     kind: str
     data: dict
-    image: Path | None = None
+    images: list[Path] = field(default_factory=list)
+    image_names: list[str] = field(default_factory=list)  # as written in the record
+    conv: chat.Conversation | None = None  # chat shapes only
 
 
 def _read_rows(path: Path, max_record_bytes: int) -> list[tuple[str, Any]]:
     """Returns (location, raw row) pairs; JSON is parsed here so a bad line fails early, and a line over
     ``max_record_bytes`` fails before it costs anything (a 50 MB line would take minutes to tokenise)."""
+    if path.suffix.lower() == ".json":
+        return _read_json_array(path, max_record_bytes)
     if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
@@ -84,6 +95,51 @@ def _read_rows(path: Path, max_record_bytes: int) -> list[tuple[str, Any]]:
                 raise DataError(f"{path}, line {n}: malformed JSON ({err.msg} at column {err.colno}); fix that line "
                                 "(one JSON object per line).") from err
     return out
+
+
+def _read_json_array(path: Path, max_record_bytes: int) -> list[tuple[str, Any]]:
+    """The records of a .json file holding one array, each with the line it starts on."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 (byte {err.object[err.start]:#x}); save the file as UTF-8 "
+                        "or fix that line.") from None
+    decoder, out = json.JSONDecoder(), []
+
+    def fail(pos: int, what: str) -> DataError:
+        line = text.count("\n", 0, pos) + 1
+        return DataError(f"{path}, line {line}: {what}; a .json data file holds one array of records "
+                         "([{...}, {...}]), or use JSONL (one record per line).")
+
+    pos = _skip_space(text, 0)
+    if not text.startswith("[", pos):
+        raise fail(pos, "not a JSON array")
+    pos = _skip_space(text, pos + 1)
+    while not text.startswith("]", pos):
+        try:
+            row, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise fail(err.pos, f"malformed JSON ({err.msg})") from err
+        where = f"{path}, line {text.count(chr(10), 0, pos) + 1}"
+        if len(text[pos:end].encode()) > max_record_bytes:
+            raise DataError(f"{where}: a record over data.max_record_mb = {max_record_bytes / 1e6:g}; split or "
+                            "shorten it, or raise data.max_record_mb.")
+        out.append((where, row))
+        pos = _skip_space(text, end)
+        if text.startswith(",", pos):
+            pos = _skip_space(text, pos + 1)
+        elif not text.startswith("]", pos):
+            raise fail(pos, "expected `,` or `]` after a record")
+    if _skip_space(text, pos + 1) != len(text):
+        raise fail(pos + 1, "text after the closing `]`")
+    return out
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
 
 
 def _kind_of(row: Any) -> str | None:
@@ -130,22 +186,16 @@ def _check_head(where: str, kind: str, head: Head | None) -> None:
                     "head; use a sequence classifier (e.g. the tiny-bert preset), or text / prompt-completion records.")
 
 
-def _image_path(where: str, raw: str, root: Path) -> Path:
-    path = Path(raw) if os.path.isabs(raw) else root / raw
-    if not path.is_file():
-        raise DataError(f"{where}: image `{raw}` not found (looked at {path}); fix the path or set data.image_root.")
-    return path
-
-
 def _check_image_header(rec: "_Record") -> None:
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(rec.image) as img:  # reads the header only: cheap, catches non-images
-            img.size
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise DataError(f"{rec.where}: image `{rec.data['image']}` ({rec.image}) cannot be read as an image ({err}); "
-                        "replace the file or fix the path on that line.") from err
+    for path, name in zip(rec.images, rec.image_names):
+        try:
+            with Image.open(path) as img:  # reads the header only: cheap, catches non-images
+                img.size
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+            raise DataError(f"{rec.where}: image `{name}` ({path}) cannot be read as an image ({err}); "
+                            "replace the file or fix the path on that line.") from err
 
 
 def read_records(path: str | Path, image_root: str | Path | None = None, max_samples: int | None = None,
@@ -173,16 +223,20 @@ def read_records(path: str | Path, image_root: str | Path | None = None, max_sam
         if kind is None:
             found = sorted(row) if isinstance(row, dict) else type(row).__name__
             raise DataError(
-                f"{where}: unknown record shape, found keys {found}; use {{\"text\"}}, "
-                "{\"prompt\", \"completion\"}, {\"image\", \"prompt\", \"response\"} or {\"text\", \"label\"}."
+                f"{where}: unknown record shape, found keys {found}; use {{\"messages\"}}, {{\"conversations\"}} "
+                "(sharegpt), {\"instruction\", \"output\"} (alpaca), {\"text\"}, {\"prompt\", \"completion\"}, "
+                "{\"image\", \"prompt\", \"response\"} or {\"text\", \"label\"}."
             )
         if file_kind is None:
             file_kind, first_where = kind, where
             _check_head(where, kind, head)
         elif kind != file_kind:
             raise DataError(f"{where}: a {kind} record, but {first_where} is {file_kind}; one file holds one format.")
+        if kind in chat.SHAPES:
+            conv = chat.parse(where, kind, row, root, images_allowed=image_token is not None)
+            records.append(_Record(where, kind, row, conv.images, conv.image_names, conv))
+            continue
         _check_types(where, kind, row, head)
-        image = None
         if kind == "image":
             if image_token is None:
                 raise DataError(f"{where}: image-text records need a VLM processor, but the model's processor "
@@ -190,8 +244,9 @@ def read_records(path: str | Path, image_root: str | Path | None = None, max_sam
             if image_token not in row["prompt"]:
                 raise DataError(f"{where}: the prompt has no `{image_token}` token; put it where the image goes, "
                                 f"e.g. \"{image_token}\\n{row['prompt']}\".")
-            image = _image_path(where, row["image"], root)
-        records.append(_Record(where, kind, row, image))
+            records.append(_Record(where, kind, row, [chat.image_path(where, row["image"], root)], [row["image"]]))
+            continue
+        records.append(_Record(where, kind, row))
     if check_image_headers:
         _check_image_headers(records)
     return records
@@ -199,8 +254,7 @@ def read_records(path: str | Path, image_root: str | Path | None = None, max_sam
 
 def _check_image_headers(records: list[_Record]) -> None:
     for rec in records:
-        if rec.image is not None:
-            _check_image_header(rec)
+        _check_image_header(rec)
 
 
 # ---------------------------------------------------------------- tokenising
@@ -235,8 +289,99 @@ def _encode(tok, text: str, specials: bool, max_length: int) -> list[int]:
         chars *= 4
 
 
-def _tokenize(rec: _Record, processor, max_length: int) -> dict[str, torch.Tensor] | None:
+@dataclass(frozen=True)
+class _Plan:
+    """How records become examples: the cut, what the loss covers, the chat template (chat shapes)."""
+
+    max_length: int
+    loss_on: str = "assistant"
+    template: str | None = None
+
+
+def _rendered(rec: _Record, processor, plan: _Plan) -> tuple[str, list[tuple[int, int]]]:
+    """The chat record rendered with the template, its assistant spans, and its image placeholders checked."""
+    text, spans = chat.render(rec.where, rec.conv, _tokenizer_of(processor), plan.template)
+    token = _image_token(processor)
+    placed = text.count(token) if token else 0
+    if placed != len(rec.images):
+        raise DataError(f"{rec.where}: {len(rec.images)} image(s) but the chat template rendered {placed} `{token}` "
+                        "placeholder(s); each image part must render the processor's image token once (fix the "
+                        "record's image parts or data.chat_template).")
+    return text, spans
+
+
+def _chat_example(rec: _Record, processor, plan: _Plan, rendered: tuple[str, list]) -> dict[str, torch.Tensor] | None:
+    """A chat record's example: the rendered text tokenised whole (as the model sees it at inference), labels on
+    the tokens that start inside an assistant span (every token with ``loss_on="all"``)."""
+    text, spans = rendered
+    if rec.images:
+        return _chat_image_example(rec, processor, plan, text, spans)
+    tok = _tokenizer_of(processor)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])[: plan.max_length]
+    learn = chat.labelled_mask(enc["offset_mapping"], spans) if plan.loss_on == "assistant" else [True] * len(ids)
+    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, learn)]
+    return _example(ids, labels)
+
+
+def _image_ids(processor) -> set[int]:
+    """The ids the processor writes for images (image slots, Idefics3's frame tokens, Qwen's vision start/end):
+    never labelled, since nothing there is for the model to predict."""
+    return {int(v) for k, v in vars(processor).items()
+            if isinstance(v, int) and k.endswith("token_id") and ("image" in k or "vision" in k)}
+
+
+def _shift(char: int, moves: list[dict]) -> int:
+    """``char`` of the rendered text in the processor's expanded text (image placeholders replaced)."""
+    gained = 0
+    for move in moves:
+        if move["span"][1] > char:
+            break
+        gained = move["new_span"][1] - move["span"][1]
+    return char + gained
+
+
+def _chat_image_example(rec: _Record, processor, plan: _Plan, text: str, spans: list) -> dict | None:
+    """The processor expands the image placeholders (image tokens, pixel values, grids or tile masks, as its
+    family needs) in one call; its replacement offsets move the assistant spans onto the expanded text."""
+    from PIL import Image
+
+    images = []
+    for path in rec.images:
+        with Image.open(path) as img:
+            images.append(img.convert("RGB"))
+    out = dict(processor(text=[text], images=[images], return_tensors="pt", add_special_tokens=False,
+                         return_offsets_mapping=True, return_text_replacement_offsets=True))
+    ids, offsets = out.pop("input_ids")[0].tolist(), out.pop("offset_mapping")[0].tolist()
+    moves = sorted(out.pop("text_replacement_offsets", [[]])[0], key=lambda m: m["span"][0])
+    out.pop("attention_mask", None)
+    image_ids = _image_ids(processor)
+    if len(ids) > plan.max_length and any(t in image_ids for t in ids[plan.max_length:]):
+        raise DataError(f"{rec.where}: the conversation with its {len(images)} image(s) takes {len(ids)} tokens and "
+                        f"max_length = {plan.max_length} would cut image tokens (which breaks the model); raise "
+                        "data.max_length, or use smaller or fewer images.")
+    if plan.loss_on == "assistant":
+        learn = chat.labelled_mask(offsets, [(_shift(a, moves), _shift(b, moves)) for a, b in spans])
+    else:
+        learn = [True] * len(ids)
+    labels = [t if keep and t not in image_ids else IGNORE_INDEX for t, keep in zip(ids, learn)]
+    per_token = {k: v[0][: plan.max_length] for k, v in out.items() if v.shape[:2] == (1, len(ids))}
+    vision = {k: v for k, v in out.items() if k not in per_token}  # as the processor batches one record
+    return _example(ids[: plan.max_length], labels[: plan.max_length], **per_token, **vision)
+
+
+def _example(ids: list[int], labels: list[int], **extra) -> dict[str, torch.Tensor] | None:
+    if all(x == IGNORE_INDEX for x in labels):
+        return None  # truncation left nothing to learn
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long),
+            "labels": torch.tensor(labels), **extra}
+
+
+def _tokenize(rec: _Record, processor, plan: _Plan, rendered=None) -> dict[str, torch.Tensor] | None:
     """Returns one example, or None when truncation leaves no token to learn from."""
+    if rec.conv is not None:
+        return _chat_example(rec, processor, plan, rendered or _rendered(rec, processor, plan))
+    max_length = plan.max_length
     tok = _tokenizer_of(processor)
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     extra = {}
@@ -252,20 +397,20 @@ def _tokenize(rec: _Record, processor, max_length: int) -> dict[str, torch.Tenso
     else:  # image: the processor expands the image token to as many slots as the model has image features
         from PIL import Image
 
-        with Image.open(rec.image) as img:
+        with Image.open(rec.images[0]) as img:
             out = processor(images=[img.convert("RGB")], text=[rec.data["prompt"]], return_tensors="pt")
         prompt = out["input_ids"][0].tolist()
         target = _encode(tok, rec.data["response"], False, max_length) + eos
         if len(prompt) >= max_length:
             raise DataError(f"{rec.where}: the prompt with its image takes {len(prompt)} tokens, max_length is "
                             f"{max_length}; raise data.max_length (cutting image tokens would break the model).")
-        extra = {k: v[0] for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+        extra = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}  # a batch of one
     ids = (prompt + target)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + target)[:max_length]
-    if all(x == IGNORE_INDEX for x in labels):
-        return None
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long),
-            "labels": torch.tensor(labels), **extra}
+    if plan.loss_on == "all":  # the prompt too (never image slots: nothing there to predict)
+        image_id = getattr(processor, "image_token_id", None)
+        labels = [IGNORE_INDEX if t == image_id else t for t in ids]
+    return _example(ids, labels, **extra)
 
 
 def _processor_fingerprint(processor) -> str:
@@ -284,16 +429,19 @@ def _processor_fingerprint(processor) -> str:
     return "\n".join(parts)
 
 
-def _cache_key(path: Path, records: list[_Record], processor, max_length: int, max_samples: int | None) -> str:
+def _cache_key(path: Path, records: list[_Record], processor, max_length: int, max_samples: int | None,
+               loss_on: str = "assistant", template: str | None = None) -> str:
     h = hashlib.sha256()
-    h.update(f"v{CACHE_VERSION}|max_length={max_length}|max_samples={max_samples}\n".encode())
+    h.update(f"v{CACHE_VERSION}|max_length={max_length}|max_samples={max_samples}|loss_on={loss_on}\n".encode())
+    if any(rec.conv is not None for rec in records):  # the template decides the tokens of chat records only
+        h.update(f"template={template}\n".encode())
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     for rec in records:
-        if rec.image is not None:  # stat, not bytes: cheap, and catches a replaced image
-            st = rec.image.stat()
-            h.update(f"{os.path.abspath(rec.image)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        for image in rec.images:  # stat, not bytes: cheap, and catches a replaced image
+            st = image.stat()
+            h.update(f"{os.path.abspath(image)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     h.update(_processor_fingerprint(processor).encode())
     return h.hexdigest()
 
@@ -303,16 +451,19 @@ def default_cache_dir() -> Path:
     return paths.cache_root() / "data"
 
 
-def cache_path(cfg: DataConfig, path: str | Path, processor) -> Path | str:
-    """Returns the cache file that holds ``path`` tokenised with ``processor`` under ``cfg`` (a URI, as a
-    string, when ``cfg.cache_dir`` is one: s3://bucket/cache/...)."""
+def cache_path(cfg: DataConfig, path: str | Path, processor, loss_on: str = "assistant") -> Path | str:
+    """Returns the cache file that holds ``path`` tokenised with ``processor`` under ``cfg`` and ``loss_on`` (a
+    URI, as a string, when ``cfg.cache_dir`` is one: s3://bucket/cache/...)."""
     records = read_records(path, cfg.image_root, cfg.max_samples, _image_token(processor), check_image_headers=False,
                            max_record_bytes=_record_bytes(cfg))
-    return _cache_file(cfg, Path(path), records, processor)
+    return _cache_file(cfg, Path(path), records, processor, loss_on)
 
 
-def _cache_file(cfg: DataConfig, path: Path, records: list[_Record], processor) -> Path | str:
-    name = f"{path.stem}-{_cache_key(path, records, processor, cfg.max_length, cfg.max_samples)[:20]}.pt"
+def _cache_file(cfg: DataConfig, path: Path, records: list[_Record], processor,
+                loss_on: str = "assistant") -> Path | str:
+    template = chat.template_of(processor, cfg.chat_template_text())
+    key = _cache_key(path, records, processor, cfg.max_length, cfg.max_samples, loss_on, template)
+    name = f"{path.stem}-{key[:20]}.pt"
     if cfg.cache_dir and paths.is_uri(cfg.cache_dir):  # s3://..., gs://...: read and written through pyarrow
         return storage.join(cfg.cache_dir, name)
     root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
@@ -360,9 +511,26 @@ def _read_cache(target: Path | str, path: Path) -> list[dict] | None:
     return examples
 
 
+def _plan(cfg: DataConfig, processor, loss_on: str, files: list[Path], checked: list[list[_Record]]) -> _Plan:
+    """The tokenising plan; a chat file with no chat template to render it is an error naming the fix."""
+    if loss_on not in LOSS_ON:
+        raise DataError(f"train.loss_on = {loss_on!r}: use one of {', '.join(LOSS_ON)}.")
+    template = chat.template_of(processor, cfg.chat_template_text())
+    for f, recs in zip(files, checked):
+        if template is None and recs and recs[0].conv is not None:
+            raise DataError(f"{recs[0].where}: a {recs[0].kind} record, but the model has no chat template to "
+                            "render it; set data.chat_template (Jinja text, or a .jinja file), use a model folder "
+                            f"that has one (tokenizer_config.json / chat_template.jinja), or convert {f.name} to "
+                            "prompt/completion records.")
+    return _Plan(cfg.max_length, loss_on, template)
+
+
 def _tokenize_into_cache(cfg: DataConfig, path: Path, records: list[_Record], processor,
-                         target: Path | str) -> list[dict]:
-    examples = [ex for ex in (_tokenize(r, processor, cfg.max_length) for r in records) if ex is not None]
+                         target: Path | str, plan: _Plan | None = None) -> list[dict]:
+    plan = plan or _Plan(cfg.max_length)
+    # every chat record is rendered and checked before the first one is tokenised
+    rendered = [_rendered(r, processor, plan) if r.conv is not None else None for r in records]
+    examples = [ex for ex in (_tokenize(r, processor, plan, x) for r, x in zip(records, rendered)) if ex is not None]
     dropped = len(records) - len(examples)
     if dropped:
         log.warning("data %s: %d record(s) dropped: nothing left to learn after cutting to max_length=%d",
@@ -394,11 +562,13 @@ def _record_bytes(cfg: DataConfig) -> int:
     return int(cfg.max_record_mb * 1e6)
 
 
-def load_datasets(cfg: DataConfig, processor, seed: int, head: Head | None = None) -> tuple[list[dict], list[dict]]:
+def load_datasets(cfg: DataConfig, processor, seed: int, head: Head | None = None,
+                  loss_on: str = "assistant") -> tuple[list[dict], list[dict]]:
     """Returns (train, eval) lists of examples (dicts of tensors).
 
     Both files are read and checked (against the model's ``head`` when given) before anything is
-    tokenised. Without ``cfg.eval``,
+    tokenised. ``loss_on``: ``"assistant"`` labels only what the model should answer (assistant turns of chat
+    records, completions, responses), ``"all"`` every token but image slots. Without ``cfg.eval``,
     a seeded shuffle holds out ``eval_fraction`` of train (eval is ``[]`` when it is 0).
     """
     cfg.validate()
@@ -406,12 +576,13 @@ def load_datasets(cfg: DataConfig, processor, seed: int, head: Head | None = Non
     files = [Path(cfg.train)] + ([Path(cfg.eval)] if cfg.eval else [])
     checked = [read_records(f, cfg.image_root, cfg.max_samples, image_token, check_image_headers=False, head=head,
                             max_record_bytes=_record_bytes(cfg)) for f in files]
-    targets = [_cache_file(cfg, f, recs, processor) for f, recs in zip(files, checked)]
+    plan = _plan(cfg, processor, loss_on, files, checked)
+    targets = [_cache_file(cfg, f, recs, processor, loss_on) for f, recs in zip(files, checked)]
     cached = [_read_cache(t, f) for t, f in zip(targets, files)]
     for recs, hit in zip(checked, cached):
         if hit is None:  # every image of every file to tokenise is checked before any tokenising starts
             _check_image_headers(recs)
-    loaded = [hit if hit is not None else _tokenize_into_cache(cfg, f, recs, processor, t)
+    loaded = [hit if hit is not None else _tokenize_into_cache(cfg, f, recs, processor, t, plan)
               for f, recs, t, hit in zip(files, checked, targets, cached)]
     train = loaded[0]
     if cfg.eval:
@@ -440,8 +611,8 @@ def shard(dataset: list, rank: int, world_size: int) -> list:
 
 def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Returns a padded batch for the model's forward: ``input_ids``, ``attention_mask``, ``labels``
-    (B, T), right-padded with ``pad_token_id`` / 0 / -100, plus ``pixel_values`` (B, C, H, W) when
-    the examples have images (and any other per-example image tensor, stacked).
+    (B, T), right-padded with ``pad_token_id`` / 0 / -100, other per-token fields padded with 0, and the
+    image tensors merged as the model's processor batches them (:func:`_merge_vision`).
     """
     if not batch:
         raise ValueError("collate: empty batch")
@@ -463,8 +634,32 @@ def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     for key in sorted(set(batch[0]) - {"input_ids", "attention_mask", "labels"}):
         if any(key not in ex for ex in batch):
             raise ValueError(f"collate: `{key}` is in some examples of the batch and not in others")
-        out[key] = torch.stack([ex[key] for ex in batch])
+        values = [ex[key] for ex in batch]
+        if all(v.shape == ex["input_ids"].shape for v, ex in zip(values, batch)):  # per token (mm_token_type_ids)
+            out[key] = torch.zeros(size, dtype=values[0].dtype)
+            for i, v in enumerate(values):
+                out[key][i, : len(v)] = v
+        else:
+            out[key] = _merge_vision(values)
     return out
+
+
+def _merge_vision(values: list[torch.Tensor]) -> torch.Tensor:
+    """One record's image tensors as its processor returns them for a batch of one, merged the way the processor
+    merges a batch: concatenated along dim 0 (LLaVA's images, Qwen2-VL's patches and grid rows, Idefics3's batch
+    axis), the other dims zero-padded to the largest (Idefics3's image count: the model drops all-zero images)."""
+    if any(v.dim() != values[0].dim() for v in values):
+        raise ValueError("collate: image tensors of different ranks in one batch")
+    if values[0].dim() == 0:
+        return torch.stack(values)
+    biggest = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
+    padded = []
+    for v in values:
+        pad = []
+        for d in reversed(range(1, v.dim())):
+            pad += [0, biggest[d] - v.shape[d]]
+        padded.append(torch.nn.functional.pad(v, pad) if any(pad) else v)
+    return torch.cat(padded)
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:

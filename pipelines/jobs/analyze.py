@@ -86,7 +86,7 @@ def run_analysis(cfg: RunConfig, settings: AnalysisSettings, address: str | None
     weights, source = resolve_weights(cfg, settings)
     # tokenise on the driver: bad data fails here in seconds, and the task reads the cache
     _, eval_set = load_datasets(cfg.data, load_processor(model_path, trust_remote_code=cfg.trust_remote_code),
-                                seed=cfg.seed)
+                                seed=cfg.seed, loss_on=cfg.train.loss_on)
     if not eval_set:
         raise ImportanceError("data: no held-out examples (data.eval unset and data.eval_fraction = 0); give "
                               "data.eval or an eval_fraction > 0.")

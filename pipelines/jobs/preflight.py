@@ -58,7 +58,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     processor = load_processor(model_path, trust_remote_code=cfg.trust_remote_code)
     # tokenise once here: the workers (and later trials) read the cache
     head = Head(classifier_labels(config))
-    train_set, eval_set = load_datasets(cfg.data, processor, seed=cfg.seed, head=head)
+    train_set, eval_set = load_datasets(cfg.data, processor, seed=cfg.seed, head=head, loss_on=cfg.train.loss_on)
     per_worker = len(shard(train_set, 0, cfg.resources.num_workers))
     if per_worker == 0:
         raise ValueError(f"data.train: {len(train_set)} examples cannot feed {cfg.resources.num_workers} workers; "

@@ -16,11 +16,12 @@ from pathlib import Path
 
 from pipelines.config import paths
 from pipelines.models import presets
-from pipelines.models.tokenizer import IMAGE_TOKEN, build_byte_tokenizer
+from pipelines.models.tokenizer import IMAGE_TOKEN, build_byte_tokenizer, chat_template
 
 log = logging.getLogger(__name__)
 
-_COMPLETE = ".freezetune-complete"  # written last, so a folder that has it is whole
+_COMPLETE = ".freezetune-complete-v2"  # written last, so a folder that has it is whole; v2: chat templates
+_STALE = ".freezetune-complete"  # an older layout of ours (no chat template, no Qwen2-VL / Idefics3 processor)
 MATERIALIZE_SEED = 0
 
 
@@ -50,7 +51,50 @@ def _tiny_llava_processor(model_config):
         vision_feature_select_strategy=model_config.vision_feature_select_strategy,
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1,
+        chat_template=chat_template(IMAGE_TOKEN),
     )
+
+
+def _tiny_idefics3_processor(model_config):
+    """A real ``Idefics3Processor``: an image longer than the model's 32-pixel input is split into 32-pixel tiles
+    (plus the whole image, downscaled), so images of different sizes give different tile counts."""
+    from transformers import Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    side = model_config.vision_config.image_size
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=True, size={"longest_edge": 2 * side},
+                                                max_image_size={"longest_edge": side})
+    tokens = (side // model_config.vision_config.patch_size) ** 2 // model_config.scale_factor**2
+    return Idefics3Processor(image_processor=image_processor, tokenizer=build_byte_tokenizer(), image_seq_len=tokens,
+                             chat_template=chat_template(IMAGE_TOKEN))
+
+
+def _tiny_qwen2_vl_processor(model_config):
+    """A real ``Qwen2VLProcessor`` (dynamic resolution: patches x 1176-style rows and a (t, h, w) grid per image),
+    or None without torchvision: transformers builds the family's processor only with its video processor."""
+    from transformers import Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    try:
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+        vision = model_config.vision_config
+        kw = dict(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                  temporal_patch_size=vision.temporal_patch_size)
+        video = Qwen2VLVideoProcessor(**kw)
+    except (ImportError, AttributeError, ValueError) as err:
+        log.warning("tiny-qwen2-vl: no processor (%s: %s); install torchvision (the version matching torch) "
+                    "for image-text data on Qwen2-VL.", type(err).__name__, err)
+        return None
+    # 8..32 pixels a side (multiples of patch x merge = 8): 4..64 patches, 1..16 image tokens per image
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=8 * 8, max_pixels=32 * 32, **kw)
+    placeholder = "<|vision_start|>" + IMAGE_TOKEN + "<|vision_end|>"
+    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=build_byte_tokenizer(placeholder),
+                            video_processor=video, chat_template=chat_template(placeholder))
+
+
+_PRESET_PROCESSORS = {"tiny-llava": _tiny_llava_processor, "tiny-idefics3": _tiny_idefics3_processor,
+                      "tiny-qwen2-vl": _tiny_qwen2_vl_processor}
 
 
 def _align_special_ids(model, tokenizer) -> None:
@@ -70,10 +114,10 @@ def _align_special_ids(model, tokenizer) -> None:
 def materialize_preset(name: str, root: str | Path) -> Path:
     """Returns ``root/name``: the preset model saved with ``save_pretrained`` plus its tokenizer or processor.
 
-    ``tiny-llava`` gets a full ``LlavaProcessor`` (CLIP image processor + byte tokenizer).
-    ``tiny-qwen2-vl`` and ``tiny-idefics3`` get the model and the byte tokenizer only: their
-    processors (dynamic resolution, image splitting, a torchvision video processor) are
-    not built here, so image-text data for them needs a processor from elsewhere.
+    VLM presets get their family's real processor (byte tokenizer + the family's image processor, PIL backend):
+    ``LlavaProcessor``, ``Idefics3Processor`` (image splitting into tiles), ``Qwen2VLProcessor`` (dynamic
+    resolution; only where torchvision is installed, else the tokenizer alone). Every tokenizer and processor has
+    the presets' ChatML-like chat template, rendering an image part as the family's image placeholder.
 
     Idempotent and safe under concurrency: the folder is built in a temporary sibling
     and renamed into place, so a reader sees either nothing or a complete folder.
@@ -90,11 +134,12 @@ def materialize_preset(name: str, root: str | Path) -> Path:
         model = presets.build_preset(name, seed=MATERIALIZE_SEED)
         _align_special_ids(model, build_byte_tokenizer())
         model.save_pretrained(tmp)
-        if name == "tiny-llava":
-            _tiny_llava_processor(model.config).save_pretrained(tmp)
-        else:
-            build_byte_tokenizer().save_pretrained(tmp)
+        make = _PRESET_PROCESSORS.get(name)
+        processor = make(model.config) if make else None
+        (processor or build_byte_tokenizer()).save_pretrained(tmp)
         (tmp / _COMPLETE).write_text(name + "\n")
+        if (target / _STALE).exists() and not (target / _COMPLETE).exists():
+            _retire(target)  # ours, from before chat templates: replaced, not trusted
         if target.exists() and not (target / _COMPLETE).exists():
             # Not written by us (our folders appear whole, marker included): never delete it.
             raise ModelLoadError(f"preset `{name}`: {target} exists but is not a materialized preset; "
@@ -108,6 +153,16 @@ def materialize_preset(name: str, root: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _retire(folder: Path) -> None:
+    """Moves an outdated preset folder aside and deletes it (a reader holding it open keeps its files)."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+    try:
+        os.rename(folder, aside / folder.name)
+    except OSError:
+        pass  # another worker retired it first
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def resolve_model_path(spec: str, cache_root: str | Path | None = None) -> str:

@@ -68,7 +68,7 @@ def analyze_model(cfg: RunConfig, settings: AnalysisSettings, model_path: str, w
                   device: str | None = None) -> ImportanceResult:
     """Load model and eval data, measure. No Ray, no MLflow."""
     processor = load_processor(model_path, trust_remote_code=cfg.trust_remote_code)
-    _, eval_set = load_datasets(cfg.data, processor, seed=cfg.seed)
+    _, eval_set = load_datasets(cfg.data, processor, seed=cfg.seed, loss_on=cfg.train.loss_on)
     if not eval_set:
         raise ImportanceError("data: no held-out examples (data.eval unset and data.eval_fraction = 0); give "
                               "data.eval or an eval_fraction > 0: importance is measured on held-out data.")

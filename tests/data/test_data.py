@@ -59,7 +59,7 @@ def test_image_text_example_runs_through_llava(tmp_path, llava, demo_files):
     train, evals = load_datasets(cfg, proc, seed=0)
     assert len(train) == 64 and len(evals) == 16
     ex = train[0]
-    assert ex["pixel_values"].shape == (3, 32, 32)
+    assert ex["pixel_values"].shape == (1, 3, 32, 32)  # as the processor returns one record
     image_slots = ex["input_ids"] == proc.image_token_id
     assert int(image_slots.sum()) == 17
     # loss only on the response (+ eos): the prompt, its image tokens included, is masked
@@ -135,7 +135,7 @@ def _same_examples(a: list[dict], b: list[dict]) -> bool:
 
 
 def test_warm_cache_gives_back_exactly_what_was_tokenised(tmp_path, llava, tok):
-    # image-text (3-D pixel_values, 1-D ids) and classification (0-d labels): every field, shape and dtype
+    # image-text (4-D pixel_values, 1-D ids) and classification (0-d labels): every field, shape and dtype
     _, proc = llava
     paths = make_demo_data(tmp_path / "d", n_train=6, n_eval=2, seed=4)
     cfg = DataConfig(train=str(paths["train"]), eval=str(paths["eval"]), cache_dir=str(tmp_path / "c"))
@@ -144,7 +144,7 @@ def test_warm_cache_gives_back_exactly_what_was_tokenised(tmp_path, llava, tok):
     warm = load_datasets(cfg, proc, seed=0)
     assert data_mod.cache_stats["cache_hits"] == hits + 2
     assert all(_same_examples(c, w) for c, w in zip(cold, warm))
-    assert cold[0][0]["pixel_values"].dim() == 3
+    assert cold[0][0]["pixel_values"].dim() == 4  # (images, C, H, W): a batch of one, as the processor gives it
 
     labelled = write_jsonl(tmp_path / "cls.jsonl", [{"text": "x" * (i + 1), "label": i % 3} for i in range(7)])
     cfg = cfg_for(tmp_path, labelled, eval_fraction=0)
@@ -263,7 +263,7 @@ def test_errors_in_eval_file_come_before_tokenising_train(tmp_path, tok):
 
 @pytest.mark.parametrize("changes, message", [
     ({"train": ""}, r"data\.train is empty"),
-    ({"train": "x.csv"}, r"data\.train = 'x\.csv': use a \.jsonl or \.parquet"),
+    ({"train": "x.csv"}, r"data\.train = 'x\.csv': use a \.jsonl, \.json or \.parquet"),
     ({"train": "missing.jsonl"}, r"data\.train = 'missing\.jsonl': no such file"),
     ({"eval_fraction": 1.0}, r"data\.eval_fraction = 1\.0"),
     ({"max_length": 2}, r"data\.max_length = 2"),

@@ -1,0 +1,137 @@
+"""Chat records with images of different sizes through the presets' real processors (LLaVA: fixed 3x32x32;
+Idefics3: a varying number of tiles), batched as each processor batches, and learned by the real tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.config.data import DataConfig, DataError
+from pipelines.data.dataset import IGNORE_INDEX, collate, load_datasets, pad_token_id
+from pipelines.models.loading import load_model, load_processor, materialize_preset
+
+SIZES = [(20, 12), (64, 30), (40, 64), (33, 33)]
+COLOURS = ["red", "green", "blue", "white"]
+RGB = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "white": (250, 250, 250)}
+
+
+@pytest.fixture(scope="module")
+def vlm_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlm-models")
+    return {name: str(materialize_preset(name, root)) for name in ("tiny-llava", "tiny-idefics3")}
+
+
+def chat_data(folder: Path, n: int) -> str:
+    """Messages records: one or two images of different sizes and colours; the answer names the colours."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        count = 1 + i % 2
+        names, colours = [], []
+        for j in range(count):
+            colour = COLOURS[(i + 3 * j) % len(COLOURS)]
+            name = f"img_{i}_{j}.png"
+            Image.new("RGB", SIZES[(i + j) % len(SIZES)], RGB[colour]).save(folder / name)
+            names.append(name)
+            colours.append(colour)
+        content = [{"type": "image", "image": name} for name in names] + [{"type": "text", "text": "Colours?"}]
+        records.append({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content},
+                                     {"role": "assistant", "content": " and ".join(colours)}]})
+    path = folder / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-idefics3"])
+def test_image_chat_labels_batches_and_learns(tmp_path, vlm_dirs, preset):
+    proc = load_processor(vlm_dirs[preset])
+    train = chat_data(tmp_path / "data", 8)
+    cfg = DataConfig(train=train, cache_dir=str(tmp_path / "cache"), eval_fraction=0, max_length=320)  # Idefics3: up to 271
+    examples, _ = load_datasets(cfg, proc, seed=0)
+    records = [json.loads(line) for line in Path(train).read_text().splitlines()]
+    tok = proc.tokenizer
+    for ex, record in zip(examples, records):
+        learned = ex["labels"] != IGNORE_INDEX
+        # exactly the answer and its end-of-turn token, never an image slot
+        assert tok.decode(ex["input_ids"][learned]) == record["messages"][2]["content"] + "<|im_end|>"
+        assert not (learned & (ex["input_ids"] == proc.image_token_id)).any()
+    if preset == "tiny-idefics3":  # tiles: the images' sizes decide how many each record has
+        assert len({ex["pixel_values"].shape[1] for ex in examples}) > 1
+    else:
+        assert [ex["pixel_values"].shape[0] for ex in examples[:2]] == [1, 2]
+
+    batch = collate(examples[:4], pad_token_id(proc))
+    image_slots = int((batch["input_ids"] == proc.image_token_id).sum())
+    if preset == "tiny-idefics3":
+        assert batch["pixel_values"].shape[:2] == (4, max(ex["pixel_values"].shape[1] for ex in examples[:4]))
+        assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "pixel_attention_mask"}
+    else:
+        assert batch["pixel_values"].shape == (6, 3, 32, 32)  # 1 + 2 + 1 + 2 images, concatenated
+        assert image_slots == 6 * 17
+
+    model = load_model(vlm_dirs[preset])
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.8 * losses[0]
+
+
+def test_more_image_parts_than_placeholders_is_refused(tmp_path, vlm_dirs):
+    proc = load_processor(vlm_dirs["tiny-llava"])
+    train = chat_data(tmp_path / "data", 2)
+    no_images = ("{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+                 "{% for p in m['content'] %}{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}"
+                 "{% endif %}{% endfor %}")
+    cfg = DataConfig(train=train, cache_dir=str(tmp_path / "c"), eval_fraction=0, chat_template=no_images)
+    with pytest.raises(DataError, match=r"chat\.jsonl, line 1: 1 image\(s\) but the chat template rendered 0 "
+                                        r"`<image>` placeholder"):
+        load_datasets(cfg, proc, seed=0)
+
+
+def test_cutting_image_tokens_is_refused(tmp_path, vlm_dirs):
+    proc = load_processor(vlm_dirs["tiny-llava"])
+    train = chat_data(tmp_path / "data", 2)
+    cfg = DataConfig(train=train, cache_dir=str(tmp_path / "c"), eval_fraction=0, max_length=24)
+    with pytest.raises(DataError, match=r"chat\.jsonl, line 1: .* max_length = 24 would cut image tokens"):
+        load_datasets(cfg, proc, seed=0)
+
+
+def test_qwen2_vl_patches_and_grids_batch_as_the_model_expects():
+    """Qwen2-VL's image processor (dynamic resolution) on images of different sizes, merged by collate: patches
+    concatenated, grid rows stacked; the real tiny model takes the batch. (Its full processor needs torchvision.)"""
+    import transformers as tf
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from pipelines.models import presets
+
+    config = presets.tiny_qwen2_vl()
+    vision = config.vision_config
+    images = Qwen2VLImageProcessorPil(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                                      temporal_patch_size=vision.temporal_patch_size, min_pixels=64, max_pixels=1024)
+    examples = []
+    for size in [(16, 8), (32, 24)]:
+        out = images(images=[Image.new("RGB", size, (200, 10, 10))], return_tensors="pt")
+        slots = int(out["image_grid_thw"][0].prod()) // vision.spatial_merge_size**2
+        ids = torch.tensor([1, config.vision_start_token_id] + [config.image_token_id] * slots +
+                           [config.vision_end_token_id, 10, 11, 12])
+        examples.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+                         "mm_token_type_ids": (ids == config.image_token_id).long(),  # per token: padded
+                         "pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]})
+    assert examples[0]["pixel_values"].shape[0] != examples[1]["pixel_values"].shape[0]
+    batch = collate(examples, pad_token_id=0)
+    assert batch["pixel_values"].shape[0] == sum(ex["pixel_values"].shape[0] for ex in examples)
+    assert batch["image_grid_thw"].tolist() == [ex["image_grid_thw"][0].tolist() for ex in examples]
+    assert batch["mm_token_type_ids"].shape == batch["input_ids"].shape
+    torch.manual_seed(0)
+    loss = tf.Qwen2VLForConditionalGeneration(config)(**batch).loss
+    assert torch.isfinite(loss)
