@@ -107,8 +107,11 @@ class Autoscaler:
     max_resources: dict[str, float] = field(default_factory=dict)  # cluster-wide caps per resource, where published
 
 
-def check_capacity(num_workers: int, per_worker: dict[str, float]) -> None:
+def check_capacity(num_workers: int, per_worker: dict[str, float], head_reserved: dict[str, float] | None = None) -> None:
     """Refuse a request no node of this cluster can ever hold, instead of waiting forever.
+
+    ``head_reserved``: what else must sit on the head node while the workers run (a sweep trial's driver), taken
+    off the head's resources first: two 1-CPU workers and a 0.05-CPU driver never fit a 2-CPU cluster.
 
     What the alive nodes cannot hold is accepted when the cluster's autoscaler can launch nodes that do (alive
     nodes plus what each node type may still add, within its max_workers and the cluster's); the workers then wait
@@ -121,6 +124,9 @@ def check_capacity(num_workers: int, per_worker: dict[str, float]) -> None:
     if not need:
         return
     alive = [n for n in ray.nodes() if n.get("Alive")]
+    if head_reserved:
+        alive = [{**n, "Resources": {k: v - head_reserved.get(k, 0) for k, v in n["Resources"].items()}}
+                 if HEAD_RESOURCE in n["Resources"] else n for n in alive]
     alive_fit = sum(_workers_per_node(n["Resources"], need) for n in alive)
     if alive_fit >= num_workers:
         return
@@ -281,6 +287,9 @@ def autoscaler_from_config(config: dict, source: str) -> Autoscaler | None:
     if not types:
         return None
     return Autoscaler(source, types, None if cluster_max is None else int(cluster_max), config.get("head_node_type"))
+
+
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's marker of the head node
 
 
 def _workers_per_node(resources: dict, need: dict[str, float]) -> int:

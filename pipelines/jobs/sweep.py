@@ -40,6 +40,8 @@ from pipelines.tracking.models import register_model
 from tune_spaces.spec import SweepSpec, define_by_run
 
 log = logging.getLogger("freezetune.sweep")
+# A trial's driver (the Tune function that runs its TorchTrainer): a sliver of a CPU, on the head node
+TRIAL_DRIVER = {"CPU": 0.05, ray_env.HEAD_RESOURCE: 0.001}
 
 
 def run_trial(config: dict, plan: SweepPlan, model_path: str, trials_storage: str) -> None:
@@ -88,7 +90,7 @@ def run_sweep(path: str | Path, address: str | None = None, resume: bool = False
 
     ray_env.connect(address)
     ray_env.leave_job_working_dir(storage if not is_uri(storage) else storage_root())  # a local folder to work in
-    ray_env.check_capacity(spec.sweep.resources.num_workers, base.resources.per_worker())
+    ray_env.check_capacity(spec.sweep.resources.num_workers, base.resources.per_worker(), head_reserved=TRIAL_DRIVER)
     check_cluster_reach(base, prep.model_path)
 
     parent = MlflowRun.start_or_resume(uri, base.mlflow.experiment, name, SWEEP_KEY_TAG, sweep_dir, resume=resume,
@@ -107,7 +109,7 @@ def run_sweep(path: str | Path, address: str | None = None, resume: bool = False
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, plan=plan, model_path=prep.model_path,
                                  trials_storage=storage_fs.join(sweep_dir, "trials")),
-            tune.PlacementGroupFactory([{"CPU": 0.05, "node:__internal_head__": 0.001}]),
+            tune.PlacementGroupFactory([TRIAL_DRIVER]),
         )
         if resume:
             log.info("resuming sweep %s from %s", name, sweep_dir)
