@@ -5,7 +5,8 @@ The policy (``pipelines.training.precision`` applies it; the loop reports what t
   trains, 8 B AdamW state (exp_avg, exp_avg_sq) once it has trained, plus a 4 B ``step`` per tensor;
 - a frozen parameter is kept in the compute dtype: 2 B in bf16/fp16, 4 B in fp32; no gradient, no state.
 So a trainable parameter costs 16 B in every precision (SPEC's 2 + 2 + 12, held as 4 + 4 + 8), and a
-frozen 7B language model 14 GB in bf16. Under FSDP with N ranks each figure is divided by N.
+frozen 7B language model 14 GB in bf16. Under FSDP with N ranks (``shards``) each rank holds 1/N of each
+figure (dim 0 of every tensor split N ways); activations are not sharded.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ LOSS_CHUNK_ELEMENTS = 2**24  # the chunked loss's fp32 chunk (pipelines.training
 
 
 def estimate_memory(numel: Mapping[str, int], trainable: Iterable[str], ever_trainable: Iterable[str],
-                    precision: str = "bf16") -> dict:
+                    precision: str = "bf16", shards: int = 1) -> dict:
     """Bytes one rank holds while ``trainable`` (the current stage) trains, for a run whose optimizer will
     hold ``ever_trainable``; ``numel`` maps every parameter (each shared tensor once) to its size.
 
     ``optimizer_bytes`` is the state after the stage's first step: every parameter trained so far (stages
     only add parameters, so that is ``trainable``)."""
+    if not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"shards = {shards!r}: the number of FSDP ranks, an integer >= 1")
     if precision not in FROZEN_BYTES:
         raise ValueError(f"precision = {precision!r}: use one of {', '.join(FROZEN_BYTES)}")
     trainable, ever = set(trainable), set(ever_trainable)
@@ -32,9 +35,11 @@ def estimate_memory(numel: Mapping[str, int], trainable: Iterable[str], ever_tra
     n_frozen = sum(numel.values()) - n_ever
     out = {
         "precision": precision,
-        "weights_bytes": TRAINABLE_WEIGHT * n_ever + FROZEN_BYTES[precision] * n_frozen,
-        "grads_bytes": GRAD * n_trainable,
-        "optimizer_bytes": ADAM_STATE * n_trainable + ADAM_STEP * len(trainable),
+        "shards": shards,
+        "weights_bytes": -(-(TRAINABLE_WEIGHT * n_ever + FROZEN_BYTES[precision] * n_frozen) // shards),
+        "grads_bytes": -(-GRAD * n_trainable // shards),
+        # AdamW's step counter is one scalar per tensor on every rank
+        "optimizer_bytes": -(-ADAM_STATE * n_trainable // shards) + ADAM_STEP * len(trainable),
     }
     out["total_bytes"] = out["weights_bytes"] + out["grads_bytes"] + out["optimizer_bytes"]
     return out

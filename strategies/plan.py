@@ -181,8 +181,9 @@ class Plan:
                                     precision=precision, checkpointing=checkpointing, vision=vision)
 
     def summary(self, epoch: int = 1, model_name: str | None = None, precision: str = "bf16",
-                batch: int | None = None, length: int | None = None, checkpointing: bool = False) -> dict:
-        """The ``--json`` view: one object per plan (see README)."""
+                batch: int | None = None, length: int | None = None, checkpointing: bool = False,
+                shards: int = 1) -> dict:
+        """The ``--json`` view: one object per plan (see README); ``shards``: per-rank memory under FSDP."""
         trainable = set(self.trainable_names(epoch))
         parts = {p: {"params": 0, "trainable": 0} for p in PART_NAMES}
         for name, unit in self.parts.unit_of.items():
@@ -214,7 +215,7 @@ class Plan:
             ],
             "stages": self.stages() if self.strategy.staged else [],
             "lora_targets": len(self.lora_targets),
-            "memory": {**estimate_memory(self.parts.numel, trainable, self.ever_trainable_names, precision),
+            "memory": {**estimate_memory(self.parts.numel, trainable, self.ever_trainable_names, precision, shards),
                        **({"activations": self.activations(batch, length, precision, checkpointing, epoch)}
                           if batch and length else {})},
             "notes": self.notes() + encoder_notes,

@@ -18,6 +18,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="micro-batch size: adds the activation estimate (with --length)")
     p.add_argument("--length", type=int, help="tokens per example (image tokens included) for the activation estimate")
     p.add_argument("--activation-checkpointing", action="store_true", help="estimate activations with checkpointing")
+    p.add_argument("--fsdp", type=int, default=1, metavar="N", help="per-rank memory when FSDP shards weights, grads "
+                   "and AdamW state over N workers (resources.parallel: fsdp, num_workers: N)")
 
 
 def activation_options(args: argparse.Namespace) -> dict:
@@ -26,7 +28,10 @@ def activation_options(args: argparse.Namespace) -> dict:
     for flag, value in (("--batch-size", args.batch_size), ("--length", args.length)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be >= 1, e.g. {flag} 8.")
-    return {"batch": args.batch_size, "length": args.length, "checkpointing": args.activation_checkpointing}
+    if args.fsdp < 1:
+        raise ValueError(f"--fsdp {args.fsdp}: the number of workers to shard over, >= 1 (1 = unsharded).")
+    return {"batch": args.batch_size, "length": args.length, "checkpointing": args.activation_checkpointing,
+            "shards": args.fsdp}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

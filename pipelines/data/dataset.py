@@ -472,27 +472,35 @@ def _cache_file(cfg: DataConfig, path: Path, records: list[_Record], processor,
 
 def _pack(examples: list[dict]) -> dict:
     """One tensor per field (the examples concatenated, with each one's shape), not one per example: loading
-    thousands of small tensors one by one is what made a warm cache slow."""
-    keys = list(examples[0])
-    if any(list(ex) != keys for ex in examples):
-        raise ValueError("examples with different fields")  # one file holds one format: does not happen
+    thousands of small tensors one by one is what made a warm cache slow. A field that only some examples have
+    (a chat file mixing records with and without images: the text-only ones have no image tensors) also keeps
+    which examples have it (``present``)."""
+    keys = list(dict.fromkeys(key for ex in examples for key in ex))
     fields = {}
     for key in keys:
-        values = [ex[key] for ex in examples]
+        present = [key in ex for ex in examples]
+        values = [ex[key] for ex in examples if key in ex]
+        if any(v.dim() != values[0].dim() for v in values):
+            raise ValueError(f"examples whose `{key}` tensors differ in rank")  # one processor: does not happen
         fields[key] = {"data": torch.cat([v.reshape(-1) for v in values]),
                        "shapes": torch.tensor([list(v.shape) for v in values], dtype=torch.long)}
+        if not all(present):
+            fields[key]["present"] = torch.tensor(present, dtype=torch.bool)
     return {"layout": "packed", "count": len(examples), "fields": fields}
 
 
 def _unpack(packed: dict) -> list[dict]:
-    columns = {}
+    examples = [{} for _ in range(packed["count"])]
     for key, field in packed["fields"].items():
         shapes = [torch.Size(s) for s in field["shapes"].tolist()]
         pieces = field["data"].split([s.numel() for s in shapes])
         if field["shapes"].shape[1] != 1:  # 1-D fields (token ids, masks, labels) are already in shape
             pieces = [piece.view(shape) for piece, shape in zip(pieces, shapes)]
-        columns[key] = list(pieces)
-    return [{k: col[i] for k, col in columns.items()} for i in range(packed["count"])]
+        owners = (torch.nonzero(field["present"]).flatten().tolist() if "present" in field
+                  else range(packed["count"]))
+        for i, piece in zip(owners, pieces):
+            examples[i][key] = piece
+    return examples
 
 
 def _read_cache(target: Path | str, path: Path) -> list[dict] | None:
@@ -613,6 +621,11 @@ def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Returns a padded batch for the model's forward: ``input_ids``, ``attention_mask``, ``labels``
     (B, T), right-padded with ``pad_token_id`` / 0 / -100, other per-token fields padded with 0, and the
     image tensors merged as the model's processor batches them (:func:`_merge_vision`).
+
+    Examples without images (text-only records of a chat file that has images elsewhere) may share a batch with
+    examples that have them: they add no image tensors (and 0 to per-token fields such as Qwen2-VL's
+    ``mm_token_type_ids``). The VLMs take that: LLaVA, Idefics3 and Qwen2-VL encode the batch's images in order
+    and scatter the features into the ``<image>`` slots of the whole batch, never matching images to rows.
     """
     if not batch:
         raise ValueError("collate: empty batch")
@@ -631,15 +644,15 @@ def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         out["attention_mask"][i, :n] = ex["attention_mask"]
         if sequence_labels:
             out["labels"][i, :n] = ex["labels"]
-    for key in sorted(set(batch[0]) - {"input_ids", "attention_mask", "labels"}):
-        if any(key not in ex for ex in batch):
-            raise ValueError(f"collate: `{key}` is in some examples of the batch and not in others")
-        values = [ex[key] for ex in batch]
-        if all(v.shape == ex["input_ids"].shape for v, ex in zip(values, batch)):  # per token (mm_token_type_ids)
-            out[key] = torch.zeros(size, dtype=values[0].dtype)
-            for i, v in enumerate(values):
-                out[key][i, : len(v)] = v
-        else:
+    for key in sorted(set().union(*batch) - {"input_ids", "attention_mask", "labels"}):
+        have = [ex for ex in batch if key in ex]
+        values = [ex[key] for ex in have]
+        if all(v.shape == ex["input_ids"].shape for v, ex in zip(values, have)):  # per token (mm_token_type_ids)
+            out[key] = torch.zeros(size, dtype=values[0].dtype)  # 0 where an example lacks it: a text token
+            for i, ex in enumerate(batch):
+                if key in ex:
+                    out[key][i, : len(ex[key])] = ex[key]
+        else:  # image tensors: only the examples that have images have them
             out[key] = _merge_vision(values)
     return out
 

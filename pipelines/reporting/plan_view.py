@@ -70,7 +70,8 @@ def render_plan(s: dict) -> str:
                                   title="progressive unfreezing stages (one optimizer, one schedule for the whole run):"))
     m = s["memory"]
     lines.append("")
-    lines.append(f"memory per GPU ({m['precision']}; trainable weights and AdamW in fp32, frozen weights in "
+    sharded = f", FSDP over {m['shards']} ranks" if m.get("shards", 1) > 1 else ""
+    lines.append(f"memory per GPU ({m['precision']}{sharded}; trainable weights and AdamW in fp32, frozen weights in "
                  f"{m['precision']}): weights {human_bytes(m['weights_bytes'])}, gradients "
                  f"{human_bytes(m['grads_bytes'])}, optimizer {human_bytes(m['optimizer_bytes'])}, "
                  f"total {human_bytes(m['total_bytes'])} before activations")

@@ -123,10 +123,9 @@ def choose_parallel(cfg: RunConfig, plan: Plan, env: WorkerEnv) -> str:
         return wanted
     if env.device.type != "cuda":
         return "ddp"  # CPU workers: no device memory to run out of before the host's
-    stage = plan.num_stages
-    summary = plan.summary(epoch=stage, precision=cfg.train.precision, batch=cfg.train.batch_size,
-                           length=cfg.data.max_length, checkpointing=cfg.train.activation_checkpointing)
-    need = summary["memory"]["total_bytes"] + summary["memory"].get("activations", {}).get("total_bytes", 0)
+    memory = plan.summary(epoch=plan.num_stages, precision=cfg.train.precision, batch=cfg.train.batch_size,
+                          length=cfg.data.max_length, checkpointing=cfg.train.activation_checkpointing)["memory"]
+    need = memory["total_bytes"] + memory["activations"]["activations_bytes"]
     have = torch.cuda.get_device_properties(env.device).total_memory
     choice = "fsdp" if need > 0.9 * have else "ddp"
     log.info("resources.parallel = auto: the plan needs %s per replica, the GPU has %s: %s", human_bytes(need),

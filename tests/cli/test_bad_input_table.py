@@ -141,6 +141,8 @@ CASES = [
     Case("adam_eps_zero", lambda c: c.train(c.text(train={"adam_eps": 0})), ("train.adam_eps", "(0, 1)")),
     Case("max_failures", lambda c: c.train(c.text(resources={"max_failures": -5})),
          ("resources.max_failures", "-1")),
+    Case("parallel", lambda c: c.train(c.text(resources={"parallel": "zero3"})),
+         ("resources.parallel", "fsdp")),
     Case("max_length_beyond_positions", lambda c: c.train(c.text(data={"max_length": 100000})),
          ("data.max_length = 100000", "positions", "at most")),
     Case("label_beyond_num_labels", lambda c: c.train(c.bert(c.labelled("labels.jsonl", [0, 1] * 10 + [7]))),

@@ -664,6 +664,21 @@ def test_memory_estimate_with_lora():
     assert plan.summary()["memory"]["total_bytes"] == 16 * n_train + 4 * n_tensors + 2 * (total - n_train)
 
 
+@pytest.mark.parametrize("shards", [2, 3, 8])
+def test_memory_estimate_under_fsdp_is_one_shard_per_rank(shards):
+    """Weights, grads and AdamW moments split N ways (rounded up); AdamW's per-tensor step stays on every rank.
+    (tests/training/test_fsdp.py compares the same figures with what sharded ranks really hold.)"""
+    plan = build_plan(build_preset("tiny-llava"), {"name": "B"})
+    whole, part = plan.summary()["memory"], plan.summary(shards=shards)["memory"]
+    n_tensors = sum(1 for p in plan.model.parameters() if p.requires_grad)
+    assert part["shards"] == shards and whole["shards"] == 1
+    for key in ("weights_bytes", "grads_bytes"):
+        assert part[key] == -(-whole[key] // shards)
+    assert part["optimizer_bytes"] == -(-(whole["optimizer_bytes"] - 4 * n_tensors) // shards) + 4 * n_tensors
+    with pytest.raises(ValueError, match="shards"):
+        plan.summary(shards=0)
+
+
 def test_memory_estimate_progressive_counts_what_the_optimizer_holds(models):
     model = models("tiny-llama")
     plan = build_plan(model, {"name": "progressive"})

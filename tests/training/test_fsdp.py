@@ -69,9 +69,12 @@ def _run(rank: int, cfg, model_dir: str, out: Path, tag: str, resume: str | None
         pass
     dist.barrier()
     after = _full_params(seen["plan"].model)
-    if rank == 0:
-        torch.save({"reports": reports, "before": seen["before"], "after": after,
-                    "trainable": list(seen["plan"].ever_trainable_names)}, out / f"{tag}.pt")
+    plan = seen["plan"]
+    if rank == 0:  # the plan's per-rank prediction for the last epoch (`freezetune plan --fsdp N`)
+        predicted = plan.summary(epoch=cfg.train.epochs, precision=cfg.train.precision,
+                                 shards=WORLD if cfg.resources.parallel == "fsdp" else 1)["memory"]
+        torch.save({"reports": reports, "before": seen["before"], "after": after, "predicted": predicted,
+                    "trainable": list(plan.ever_trainable_names)}, out / f"{tag}.pt")
 
 
 def _worker(rank: int, init: str, jobs: list) -> None:
@@ -118,6 +121,13 @@ def test_sharded_training_matches_the_replicated_reference(case, tmp_path, demo_
         assert b["memory/shards"] == WORLD and a["memory/shards"] == 1
         for key in ("memory/weights_bytes", "memory/optimizer_bytes"):
             assert b[key] == pytest.approx(a[key] / WORLD, rel=0.02), key
+    # the plan predicts what a rank holds, sharded or not (weights always; AdamW state where every trainable
+    # tensor gets a gradient: LLaVA's vision layers above its feature layer get none)
+    for run in (ddp, fsdp):
+        last = run["reports"][-1]
+        assert last["memory/weights_bytes"] == pytest.approx(run["predicted"]["weights_bytes"], rel=0.02)
+        if preset == "tiny-llama":
+            assert last["memory/optimizer_bytes"] == pytest.approx(run["predicted"]["optimizer_bytes"], rel=0.02)
     if case == "progressive":  # the thaw happened mid-run, sharded
         assert fsdp["reports"][1]["trainable_params"] > fsdp["reports"][0]["trainable_params"]
 
