@@ -22,6 +22,8 @@ Benchmarks (one module each):
    only where CUDA is available (otherwise reported as skipped).
 7. ``loss_memory``   — peak memory of the loss step (token loss forward + backward to bf16 logits): the chunked
    ``token_loss_sum`` / the former fp32-copy-of-every-logit formula, same logits, same run. Target <= 0.5.
+8. ``sharding``      — FSDP2 vs DDP on 2 gloo ranks, full fine-tuning: weights + grads + AdamW held per rank
+   (target fsdp / ddp <= 0.55) and step time (informational).
 """
 
-BENCHMARKS = ["data_cache", "freeze", "ray_overhead", "trial_cost", "early_stopping", "gpu", "loss_memory"]  # run order
+BENCHMARKS = ["data_cache", "freeze", "ray_overhead", "trial_cost", "early_stopping", "gpu", "loss_memory", "sharding"]  # run order

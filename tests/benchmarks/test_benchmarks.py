@@ -37,6 +37,8 @@ REQUIRED = {
     "gpu.mfu": "—",
     "loss_memory.peak_ratio": "≤ 0.5×",
     "loss_memory.same_result": "yes",
+    "sharding.memory_ratio": "≤ 0.55×",
+    "sharding.step_time_ratio": "—",
 }
 KEYS = {"id", "benchmark", "label", "value", "unit", "target", "verdict", "how", "repeats", "note", "check", "details"}
 
@@ -57,7 +59,7 @@ def test_quick_run_writes_json_and_markdown(quick_run):
     md = (out / "bench.md").read_text()
     assert doc["mode"] == "quick"
     assert set(doc["benchmarks"]) == {"ray_overhead", "freeze", "trial_cost", "early_stopping", "data_cache", "gpu",
-                                      "loss_memory"}
+                                      "loss_memory", "sharding"}
     assert all(v["status"] == "ok" for v in doc["benchmarks"].values()), doc["benchmarks"]
     for key in ("cpu", "logical_cpus", "torch", "ray", "transformers"):
         assert doc["machine"][key], key
