@@ -207,6 +207,10 @@ def train_step(model, window: Sequence[dict], optimizer: torch.optim.Optimizer, 
             if not math.isfinite(value) and precision != "fp16":
                 raise FloatingPointError(f"loss is {value}")
             loss = summed / window_tokens
+            if not loss.requires_grad:
+                # nothing that trains fed this batch's loss (text-only records while only the connector or
+                # vision trains): a zero gradient still, so the step, DDP's all-reduce and the scaler run as usual
+                loss = loss + sum((p * 0).sum() for p in trainable if not hasattr(p, "to_local"))
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += value
         seen += count_tokens(batch)

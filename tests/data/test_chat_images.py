@@ -135,3 +135,55 @@ def test_qwen2_vl_patches_and_grids_batch_as_the_model_expects():
     torch.manual_seed(0)
     loss = tf.Qwen2VLForConditionalGeneration(config)(**batch).loss
     assert torch.isfinite(loss)
+
+
+def mixed_chat_data(folder: Path, n: int) -> str:
+    """Messages records, every other one text-only (no image part): a chat file mixing both."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        if i % 2:
+            records.append({"messages": [{"role": "user", "content": f"Count to {i % 5 + 1}."},
+                                         {"role": "assistant", "content": " ".join(str(k) for k in range(1, i % 5 + 2))}]})
+            continue
+        colour = COLOURS[i % len(COLOURS)]
+        name = f"img_{i}.png"
+        Image.new("RGB", SIZES[i % len(SIZES)], RGB[colour]).save(folder / name)
+        records.append({"messages": [{"role": "user", "content": [{"type": "image", "image": name},
+                                                                  {"type": "text", "text": "Colour?"}]},
+                                     {"role": "assistant", "content": colour}]})
+    path = folder / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-idefics3"])
+def test_chat_file_mixing_image_and_text_only_records(tmp_path, vlm_dirs, preset):
+    """Text-only records in a file with image records: no image tensors of their own, cached and read back as
+    such, and batched with image records so that every row of the batch gets exactly what it gets alone."""
+    from pipelines.data import dataset
+
+    proc = load_processor(vlm_dirs[preset])
+    train = mixed_chat_data(tmp_path / "data", 6)
+    cfg = DataConfig(train=train, cache_dir=str(tmp_path / "cache"), eval_fraction=0, max_length=256)
+    examples, _ = load_datasets(cfg, proc, seed=0)
+    hits = dataset.cache_stats["cache_hits"]
+    cached, _ = load_datasets(cfg, proc, seed=0)
+    assert dataset.cache_stats["cache_hits"] == hits + 1
+    assert [sorted(ex) for ex in examples] == [sorted(ex) for ex in cached]
+    assert all(torch.equal(ex[k], c[k]) for ex, c in zip(examples, cached) for k in ex)
+    has_images = ["pixel_values" in ex for ex in cached]
+    assert has_images == [True, False] * 3
+    for ex, images in zip(cached, has_images):
+        assert bool((ex["input_ids"] == proc.image_token_id).any()) == images
+
+    batch = collate(cached[:4], pad_token_id(proc))  # image, text, image, text
+    assert batch["input_ids"].shape[0] == 4
+    assert batch["pixel_values"].shape[0] == 2  # the two image records' images (LLaVA) / rows (Idefics3) only
+
+    model = load_model(vlm_dirs[preset]).eval()
+    with torch.no_grad():
+        logits = model(**batch).logits
+        for i, ex in enumerate(cached[:4]):
+            alone = model(**collate([ex], pad_token_id(proc))).logits[0]
+            assert torch.allclose(logits[i, : len(ex["input_ids"])], alone, atol=1e-4), i

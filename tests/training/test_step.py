@@ -85,3 +85,19 @@ def test_clipping_bounds_the_update_and_timings_are_recorded(model_dirs, text_ex
     assert float(delta.norm()) == pytest.approx(0.01, rel=1e-3)  # SGD lr 1: the update is the clipped gradient
     assert float(torch.cat([d.flatten() for d in unclipped.values()]).norm()) > 0.01
     assert len(timings) == 1 and all(s >= 0 for s in timings[0])
+
+
+def test_a_text_only_batch_steps_when_only_the_connector_trains():
+    """Mixed chat files give VLM batches without images: under connector_only nothing that trains feeds their
+    loss. The step still runs (a zero gradient: DDP's all-reduce and the scaler go on as on every rank)."""
+    from pipelines.models.presets import build_preset
+    from strategies.plan import build_plan
+
+    model = build_preset("tiny-llava")
+    plan = build_plan(model, {"name": "connector_only"})
+    optimizer = torch.optim.AdamW(plan.param_groups())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ids = torch.randint(3, 300, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    done = train_step(model, [batch], optimizer, trainable=trainable, device=torch.device("cpu"))
+    assert done.loss_sum > 0 and done.grad_norm == 0.0 and done.no_grad_tensors == 0
