@@ -491,12 +491,12 @@ def _pack(examples: list[dict]) -> dict:
 
 def _unpack(packed: dict) -> list[dict]:
     examples = [{} for _ in range(packed["count"])]
-    for key, field in packed["fields"].items():
-        shapes = [torch.Size(s) for s in field["shapes"].tolist()]
-        pieces = field["data"].split([s.numel() for s in shapes])
-        if field["shapes"].shape[1] != 1:  # 1-D fields (token ids, masks, labels) are already in shape
+    for key, stored in packed["fields"].items():
+        shapes = [torch.Size(s) for s in stored["shapes"].tolist()]
+        pieces = stored["data"].split([s.numel() for s in shapes])
+        if stored["shapes"].shape[1] != 1:  # 1-D fields (token ids, masks, labels) are already in shape
             pieces = [piece.view(shape) for piece, shape in zip(pieces, shapes)]
-        owners = (torch.nonzero(field["present"]).flatten().tolist() if "present" in field
+        owners = (torch.nonzero(stored["present"]).flatten().tolist() if "present" in stored
                   else range(packed["count"]))
         for i, piece in zip(owners, pieces):
             examples[i][key] = piece

@@ -328,7 +328,7 @@ def load_model(path: str, trust_remote_code: bool = False, dtype=None, attn_impl
     return _from_pretrained(cls, path, config=config, **kw)
 
 
-def meta_model(spec: str, trust_remote_code: bool = False):
+def meta_model(spec: str, trust_remote_code: bool = False, attn_implementation: str | None = None):
     """The model's architecture on the meta device: no weights read or allocated, so a 70B config folder
     (config.json alone) builds in seconds. ``spec``: a preset name, a folder or a hub name."""
     import torch
@@ -340,8 +340,9 @@ def meta_model(spec: str, trust_remote_code: bool = False):
     if not os.path.isdir(spec):
         _refuse_preset_typo(spec)
     config = _from_pretrained(AutoConfig, spec, trust_remote_code=trust_remote_code)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with torch.device("meta"):
-        return _model_class(config).from_config(config, trust_remote_code=trust_remote_code)
+        return _model_class(config).from_config(config, trust_remote_code=trust_remote_code, **extra)
 
 
 def load_processor(path: str, trust_remote_code: bool = False):

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipelines.config.run import RunConfig
 from pipelines.data.dataset import collate, load_datasets, shard
-from pipelines.models.loading import load_model, load_processor
+from pipelines.models.loading import load_model, load_processor, meta_model
 from pipelines.training import checkpoints, sharding
 from pipelines.training.precision import LOAD_DTYPES, apply_precision_policy, held_bytes
 from pipelines.training.recompute import enable_activation_checkpointing
@@ -97,12 +97,18 @@ def _batches(dataset, batch_size: int, pad_id: int, epoch_seed: int | None) -> l
     return [collate([dataset[i] for i in order[j : j + batch_size]], pad_id) for j in range(0, len(order), batch_size)]
 
 
-def build_model(cfg: RunConfig, model_path: str) -> Plan:
-    """The model as it trains: loaded, planned (LoRA wrapped), precision policy applied; on the CPU."""
+def build_model(cfg: RunConfig, model_path: str, on_meta: bool = False) -> Plan:
+    """The model as it trains: loaded, planned (LoRA wrapped), precision policy applied; on the CPU. ``on_meta``:
+    the same model on the meta device, no weight read or allocated (seconds, even for a 70B config)."""
     options = cfg.model_options
-    model = load_model(model_path, trust_remote_code=cfg.trust_remote_code, dtype=LOAD_DTYPES[options.dtype],
-                       attn_implementation=options.attn_implementation)
-    plan: Plan = build_plan(model, cfg.strategy)
+    if on_meta:
+        with torch.device("meta"):
+            plan: Plan = build_plan(meta_model(model_path, cfg.trust_remote_code, options.attn_implementation),
+                                    cfg.strategy)
+    else:
+        model = load_model(model_path, trust_remote_code=cfg.trust_remote_code, dtype=LOAD_DTYPES[options.dtype],
+                           attn_implementation=options.attn_implementation)
+        plan = build_plan(model, cfg.strategy)
     # fp32 for whatever trains at some point (later thaws and LoRA included), the compute dtype for the rest
     apply_precision_policy(plan.model, plan.ever_trainable_names, cfg.train.precision)
     if cfg.train.activation_checkpointing:
@@ -140,21 +146,31 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
     seed_everything(cfg.seed)
 
     # --- set-up: model, plan, data -------------------------------------------
-    plan = build_model(cfg, model_path)
+    # Sharded, every rank builds the model on the meta device and shards it; only rank 0 reads the weights
+    # (one full copy, on its CPU) and broadcasts them into everyone's shards. Replicated, every rank loads.
+    # (The RNG is left as seeded: ranks that build different things still draw the same dropout masks after.)
+    with torch.random.fork_rng(devices=[]):
+        plan = build_model(cfg, model_path, on_meta=True)
+        sharded = choose_parallel(cfg, plan, env) == "fsdp"
+        if sharded:
+            source = build_model(cfg, model_path).model if env.rank == 0 else None
+            sharding.shard_model(plan.model, plan, t.precision)
+            sharding.load_from_rank0(plan.model, source, env.device)
+            del source
+        else:
+            plan = build_model(cfg, model_path)
+    model = plan.model.to(env.device)
     processor = load_processor(model_path, trust_remote_code=cfg.trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model = plan.model.to(env.device)
     train_set, eval_set = load_datasets(cfg.data, processor, seed=cfg.seed, loss_on=cfg.train.loss_on)
     train_shard = shard(train_set, env.rank, env.world_size)
     eval_shard = eval_part(eval_set, env.rank, env.world_size)
     classifier = is_classification(train_set[0]["labels"], batched=False)  # reports eval_accuracy too
     first_batch = collate(train_shard[: t.batch_size], pad_id)
 
-    # --- sharding: FSDP2 units over the ranks; one warm-up forward before any freezing (see sharding.warm_up)
-    sharded = choose_parallel(cfg, plan, env) == "fsdp"
+    # --- sharded: one warm-up forward before any freezing (see sharding.warm_up)
     if sharded:
-        sharding.shard_model(model, plan, t.precision)
         sharding.warm_up(model, plan, first_batch, lambda m, b: forward(m, b, t.precision, env.device), stage=1)
         if env.rank == 0:
             log.info("FSDP2 over %d ranks: %d units + the root", env.world_size, len(sharding.unit_paths(plan)))

@@ -63,6 +63,22 @@ def shard_model(model: nn.Module, plan, precision: str) -> nn.Module:
     return model
 
 
+def load_from_rank0(model: nn.Module, source: nn.Module | None, device: torch.device) -> None:
+    """Fill a model sharded on the meta device with ``source``'s weights and buffers, which only rank 0 has
+    (``None`` elsewhere): each tensor is broadcast from rank 0 and every rank keeps its shard. Every rank calls
+    it. Buffers (rotary frequencies, position ids) are not in a state dict: broadcast one by one."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    full = source.state_dict() if source is not None else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    given = dict(source.named_buffers()) if source is not None else {}
+    for name, buffer in model.named_buffers():
+        if source is not None:
+            buffer.copy_(given[name])
+        dist.broadcast(buffer, src=0)
+
+
 def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 

@@ -11,14 +11,13 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from test_faults import _train_workers
+from test_sweep_evalless import seed_drawing
 
 from pipelines import tracking
 from pipelines.config.run import run_config_from_dict
-from tune_spaces import parse_spec, sample_configs
 
 pytestmark = pytest.mark.slow  # real Ray
 
@@ -77,15 +76,6 @@ def test_sharded_run_sigkilled_after_a_thaw_resumes_from_both_ranks_shards(ray_s
     assert final["format"] == "trainable" and final["trainable"]
 
 
-def _seed_drawing_both(space: dict) -> int:
-    """A search seed whose two random draws are ddp and fsdp (random search draws with replacement)."""
-    for seed in range(100):
-        space["sweep"]["search_seed"] = seed
-        if sorted(c["resources.parallel"] for c in sample_configs(parse_spec(space, "t", "t"), False)) == MODES:
-            return seed
-    raise AssertionError("no seed draws both modes")
-
-
 def test_one_sweep_runs_ddp_and_fsdp_trials_to_the_same_result(ray_session, workdir, demo_files, model_dirs):
     from pipelines.jobs.sweep import run_sweep
 
@@ -105,7 +95,7 @@ def test_one_sweep_runs_ddp_and_fsdp_trials_to_the_same_result(ray_session, work
         "sweep": {"num_samples": 2, "search": "random", "max_concurrent_trials": 1, "scheduler": {"type": "fifo"},
                   "metric": "eval_loss", "mode": "min", "resources": {"num_workers": 2}},
     }
-    _seed_drawing_both(space)
+    seed_drawing(space, "resources.parallel", MODES)
     path = Path(workdir) / "mixed-parallel.yaml"
     path.write_text(yaml.safe_dump(space))
     result = run_sweep(path)

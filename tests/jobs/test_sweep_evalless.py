@@ -17,13 +17,14 @@ pytestmark = pytest.mark.slow  # real Ray
 FRACTIONS = [0.0, 0.25]
 
 
-def _seed_drawing_both(space: dict) -> int:
-    """A search seed whose two random draws are both eval fractions (random search draws with replacement)."""
+def seed_drawing(space: dict, key: str, values: list) -> int:
+    """Sets and returns a search seed whose random draws of ``key`` are exactly ``values`` (random search draws
+    with replacement, so not every seed draws each value once)."""
     for seed in range(100):
         space["sweep"]["search_seed"] = seed
-        if sorted(c["data.eval_fraction"] for c in sample_configs(parse_spec(space, "t", "t"), False)) == FRACTIONS:
+        if sorted(c[key] for c in sample_configs(parse_spec(space, "t", "t"), False)) == sorted(values):
             return seed
-    raise AssertionError("no seed draws both eval fractions")
+    raise AssertionError(f"no seed draws each of {values} once")
 
 
 def test_the_trial_without_eval_data_is_not_ranked(ray_session, workdir, demo_files, model_dirs, capsys):
@@ -43,7 +44,7 @@ def test_the_trial_without_eval_data_is_not_ranked(ray_session, workdir, demo_fi
         "sweep": {"num_samples": 2, "search": "random", "max_concurrent_trials": 1, "scheduler": {"type": "fifo"},
                   "metric": "eval_loss", "mode": "min", "resources": {"num_workers": 1}},
     }
-    _seed_drawing_both(space)
+    seed_drawing(space, "data.eval_fraction", FRACTIONS)
     path = workdir / "evalless.yaml"
     path.write_text(yaml.safe_dump(space))
     assert run_sweep(path, dry_run=True) == {"dry_run": True, "trials": 2}

@@ -1,7 +1,8 @@
 """FSDP2 against the replicated (DDP) reference: two real gloo processes run the shipped loop both ways on the
 same data; the trained parameters agree to float tolerance, frozen ones are bit-identical, each rank holds
-half the weights and AdamW state, and a sharded checkpoint resumes (before and after a thaw) to the same
-weights as the uninterrupted run."""
+half the weights and AdamW state, only rank 0 reads the checkpoint (rank 1 builds on the meta device and
+gets its shards broadcast), and a sharded checkpoint resumes (before and after a thaw) to the same weights
+as the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -47,10 +48,20 @@ def _full_params(model) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters()}
 
 
+def _no_weights(*args, **kwargs):
+    raise AssertionError("a sharded run read the checkpoint's weights on a rank other than 0")
+
+
 def _run(rank: int, cfg, model_dir: str, out: Path, tag: str, resume: str | None = None, stop_after=None,
          keep: Path | None = None) -> None:
-    """One run of the loop on this rank; rank 0 saves the reports and the final parameters to ``out/tag.pt``."""
+    """One run of the loop on this rank; rank 0 saves the reports and the final parameters to ``out/tag.pt``.
+    Sharded, only rank 0 may read the weights (the others build on the meta device and get their shards)."""
+    from pipelines.training import loop
+
     seen, reports = {}, []
+    load_model = loop.load_model
+    if cfg.resources.parallel == "fsdp" and rank != 0:
+        loop.load_model = _no_weights
 
     def report(metrics, ckpt_dir):
         reports.append(metrics)
@@ -67,6 +78,8 @@ def _run(rank: int, cfg, model_dir: str, out: Path, tag: str, resume: str | None
         run_loop(cfg, model_dir, WorkerEnv(rank=rank, world_size=WORLD, resume_dir=resume), report, on_setup)
     except KeyboardInterrupt:
         pass
+    finally:
+        loop.load_model = load_model
     dist.barrier()
     after = _full_params(seen["plan"].model)
     plan = seen["plan"]
