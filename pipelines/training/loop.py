@@ -116,10 +116,11 @@ def build_model(cfg: RunConfig, model_path: str, on_meta: bool = False) -> Plan:
     return plan
 
 
-def choose_parallel(cfg: RunConfig, plan: Plan, env: WorkerEnv) -> str:
+def choose_parallel(cfg: RunConfig, plan: Plan, env: WorkerEnv, device_bytes: int | None = None) -> str:
     """ddp or fsdp for this run: what ``resources.parallel`` asks; ``auto`` shards when the plan's bytes
-    (weights, grads, AdamW state at the largest stage, activations at the configured batch) do not fit the
-    worker's GPU. One worker has nothing to shard with."""
+    (weights, grads, AdamW state at the largest stage, activations at the configured batch) do not fit 90% of
+    the worker's GPU (``device_bytes``, default: read from the device; CPU workers stay ddp). One worker has
+    nothing to shard with."""
     wanted = cfg.resources.parallel
     if env.world_size == 1:
         if wanted == "fsdp":
@@ -127,15 +128,17 @@ def choose_parallel(cfg: RunConfig, plan: Plan, env: WorkerEnv) -> str:
         return "ddp"
     if wanted != "auto":
         return wanted
-    if env.device.type != "cuda":
-        return "ddp"  # CPU workers: no device memory to run out of before the host's
+    if device_bytes is None:
+        if env.device.type != "cuda":
+            return "ddp"  # CPU workers: no device memory to run out of before the host's
+        device_bytes = torch.cuda.get_device_properties(env.device).total_memory
     memory = plan.summary(epoch=plan.num_stages, precision=cfg.train.precision, batch=cfg.train.batch_size,
                           length=cfg.data.max_length, checkpointing=cfg.train.activation_checkpointing)["memory"]
     need = memory["total_bytes"] + memory["activations"]["activations_bytes"]
-    have = torch.cuda.get_device_properties(env.device).total_memory
-    choice = "fsdp" if need > 0.9 * have else "ddp"
-    log.info("resources.parallel = auto: the plan needs %s per replica, the GPU has %s: %s", human_bytes(need),
-             human_bytes(have), choice)
+    choice = "fsdp" if need > 0.9 * device_bytes else "ddp"
+    if env.rank == 0:
+        log.info("resources.parallel = auto: a replica needs %s (plan), the GPU has %s: %s", human_bytes(need),
+                 human_bytes(device_bytes), choice)
     return choice
 
 

@@ -168,3 +168,21 @@ def test_sharded_checkpoint_resumes_to_the_uninterrupted_weights(stop_after, tmp
         assert got["optimizer_steps"] == ref["optimizer_steps"]
     for name, param in want["after"].items():
         torch.testing.assert_close(resumed["after"][name], param, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("case", ["progressive", "B"])
+def test_bf16_sharded_training_follows_the_replicated_reference(case, tmp_path, demo_files, model_dirs):
+    """Under bf16 mixed precision: a block thawed mid-run (the unit frozen at its first forward, pytorch#186998)
+    and fp32 LoRA inside bf16 blocks both train sharded, with the replicated run's losses (bf16 rounding apart)."""
+    preset, strategy = CASES[case]
+    jobs = []
+    for mode in ("ddp", "fsdp"):
+        cfg = _cfg(tmp_path, demo_files, preset, strategy, mode)
+        cfg.train.precision = "bf16"
+        jobs.append(dict(cfg=cfg, model_dir=model_dirs[preset], out=tmp_path, tag=mode))
+    got = _spawn(tmp_path, jobs)
+    for a, b in zip(got["ddp"]["reports"], got["fsdp"]["reports"], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-3)
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=2e-3)
+        assert b["trainable_params"] == a["trainable_params"]
+    assert got["fsdp"]["reports"][-1]["eval_loss"] < got["fsdp"]["reports"][0]["eval_loss"]
