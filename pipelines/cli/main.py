@@ -22,6 +22,7 @@ COMMANDS = {  # name -> module (order = order in --help)
     "analyze": "pipelines.cli.analyze",
     "sweep": "pipelines.cli.sweep",
     "compare": "pipelines.cli.compare",
+    "recommend": "pipelines.cli.recommend",
     "demo": "pipelines.cli.demo",
 }
 PLUGIN_GROUP = "freezetune.commands"
