@@ -33,7 +33,7 @@ def settings(quick: bool) -> dict:
 
 
 def _held(model, optimizer, trainable) -> dict:
-    from pipelines.training.precision import grad_bytes, held_bytes
+    from pipelines.training.precision import grad_bytes, held_bytes  # lazy: torch; `freezetune --help` loads this module
 
     return {**held_bytes(model, optimizer), "grads_bytes": grad_bytes(trainable)}
 
@@ -43,9 +43,9 @@ def _worker(rank: int, init: str, p: dict, out: dict) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from pipelines.training import sharding
-    from pipelines.training.step import forward, train_step
-    from strategies import build_plan
+    from pipelines.training import sharding  # lazy: torch, in the spawned process only
+    from pipelines.training.step import forward, train_step  # lazy: torch, in the spawned process only
+    from strategies import build_plan  # lazy: torch and transformers, in the spawned process only
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     try:

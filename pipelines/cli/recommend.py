@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from pipelines.models.loading import load_processor, resolve_model_path
+    from pipelines.models.loading import load_processor, resolve_model_path  # lazy: transformers; keeps --help fast
     from pipelines.reporting import recommend  # lazy: model code; keeps freezetune --help fast
 
     for flag, value in (("--batch-size", args.batch_size), ("--length", args.length)):

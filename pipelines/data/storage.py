@@ -107,6 +107,16 @@ def is_file(path: str | os.PathLike) -> bool:
     return _info(path).type == pafs.FileType.File
 
 
+def list_dirs(path: str | os.PathLike) -> list[str]:
+    """The folders directly in ``path`` (a folder or a URI), as paths or URIs like ``path``; [] when it is none."""
+    fs, fs_path = filesystem(path)
+    try:
+        found = fs.get_file_info(pafs.FileSelector(fs_path, allow_not_found=True))
+    except (OSError, NotADirectoryError):
+        return []
+    return [join(path, info.base_name) for info in found if info.type == pafs.FileType.Directory]
+
+
 def mkdir(path: str | os.PathLike) -> None:
     """Create the folder ``path`` and its parents (on an object store: a folder marker; the bucket must exist)."""
     if not is_uri(str(path)):

@@ -47,6 +47,16 @@ class TrainEpochLogger(UserCallback):
         if checkpoint:
             where = storage_fs.uri_of(self.storage, checkpoint.path) if self.storage else checkpoint.path
         self.pending.append((int(first.get("epoch", 0)), first, nodes, where))
+        self._deliver()
+
+    def backfill(self, checkpoints: list[tuple[int, dict, str]]) -> None:
+        """Log the (epoch, metrics, checkpoint) of persisted checkpoints that MLflow does not hold yet: a driver
+        killed after Ray persisted an epoch's checkpoint and before it logged that epoch resumes after it, and
+        no worker reports that epoch again."""
+        self.pending.extend((epoch, metrics, [], where) for epoch, metrics, where in sorted(checkpoints))
+        self._deliver()
+
+    def _deliver(self) -> None:
         try:  # MLflow away: keep the epochs and deliver them with the next report; training goes on
             with tracking.attempts(2):
                 if self.logged_epoch is None:

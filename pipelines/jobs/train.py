@@ -7,6 +7,7 @@ TorchTrainer's workers run ``pipelines.training``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -25,6 +26,7 @@ from pipelines.jobs.trainer import make_trainer
 from pipelines.reporting.lr_plot import lr_schedule_figure
 from pipelines.reporting.plan_view import render_plan
 from pipelines.tracking import MlflowRun
+from pipelines.training import checkpoints
 
 log = logging.getLogger("freezetune.train")
 
@@ -63,6 +65,17 @@ def best_checkpoint_tags(result, storage: str) -> dict:
     return {"best_checkpoint": storage_fs.uri_of(storage, best.path), "best_epoch": epoch}
 
 
+def persisted_epochs(run_dir: str) -> list[tuple[int, dict, str]]:
+    """(epoch, metrics, checkpoint) of every checkpoint Ray kept in the run's folder (its meta.json)."""
+    found = []
+    for ckpt in storage_fs.list_dirs(run_dir):
+        meta = storage_fs.join(ckpt, checkpoints.META)
+        if os.path.basename(ckpt.rstrip("/")).startswith("checkpoint_") and storage_fs.is_file(meta):
+            data = json.loads(storage_fs.read_bytes(meta))
+            found.append((int(data["epoch"]), data.get("metrics") or {}, ckpt))
+    return found
+
+
 def run_training(cfg: RunConfig, address: str | None = None, resume: bool = False) -> dict:
     """Run one fine-tuning; returns {run_id, run_name, metrics, checkpoint}. The MLflow run always ends."""
     uri = cfg.tracking_uri
@@ -86,7 +99,10 @@ def run_training(cfg: RunConfig, address: str | None = None, resume: bool = Fals
         log.info("resuming MLflow run %s (%s)", run.run_id, run_name)
     with run:
         log_run_start(prep, run)
-        trainer = make_trainer(cfg, prep.model_path, run_name, [TrainEpochLogger(uri, run.run_id, storage)], storage)
+        epochs_logger = TrainEpochLogger(uri, run.run_id, storage)
+        if run.resumed:
+            epochs_logger.backfill(persisted_epochs(run_dir))
+        trainer = make_trainer(cfg, prep.model_path, run_name, [epochs_logger], storage)
         # importance files are written and read as local files: beside the run, or in a local folder of that name
         local_run_dir = run_dir if not is_uri(storage) else os.path.join(storage_root(), run_name)
         when, analysis_dir = cfg.analysis.importance, os.path.join(local_run_dir, "importance")
