@@ -153,8 +153,10 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
     # (one full copy, on its CPU) and broadcasts them into everyone's shards. Replicated, every rank loads.
     # (The RNG is left as seeded: ranks that build different things still draw the same dropout masks after.)
     with torch.random.fork_rng(devices=[]):
-        plan = build_model(cfg, model_path, on_meta=True)
-        sharded = choose_parallel(cfg, plan, env) == "fsdp"
+        sharded = False
+        if env.world_size > 1 and cfg.resources.parallel != "ddp":  # the decision needs the plan, not weights
+            plan = build_model(cfg, model_path, on_meta=True)
+            sharded = choose_parallel(cfg, plan, env) == "fsdp"
         if sharded:
             source = build_model(cfg, model_path).model if env.rank == 0 else None
             sharding.shard_model(plan.model, plan, t.precision)

@@ -1,5 +1,5 @@
 """FSDP2 inside the worker: which modules become units, the mixed-precision policy, and the few things that
-differ from a replicated model (the global grad norm, the warm-up before a thaw, gathering the trained weights).
+differ from a replicated model (the warm-up before a thaw, the meta-device set-up, gathering the trained weights).
 
 Units, bottom-up, then the root: each block's LoRA modules (one unit per block: LoRA trains in fp32 while its
 block's frozen base weights sit in the compute dtype), every encoder block, every language block. The root
@@ -79,10 +79,6 @@ def load_from_rank0(model: nn.Module, source: nn.Module | None, device: torch.de
         dist.broadcast(buffer, src=0)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
-
-
 def warm_up(model: nn.Module, plan, batch: dict, forward_fn, stage: int) -> None:
     """One no-grad forward with every ever-trainable parameter trainable, then ``stage``'s freezing.
 
@@ -105,11 +101,6 @@ def reshard(model: nn.Module) -> None:
     ``named_parameters()`` would hand the optimizer, the checkpoint and the byte counts whole replicas."""
     if isinstance(model, FSDPModule):
         model.reshard()
-
-
-def global_grad_norm(norm: torch.Tensor) -> float:
-    """``clip_grad_norm_`` over DTensor gradients returns a DTensor: its full value is the global norm."""
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 def full_trained_state(model: nn.Module, names: list[str], rank: int) -> dict[str, torch.Tensor]:
