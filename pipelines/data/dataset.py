@@ -13,16 +13,23 @@ Record shapes (detected from the first record; every record of a file must share
 An example is a dict of tensors: ``input_ids``, ``attention_mask``, ``labels`` (``-100`` where
 no loss is taken; a 0-d class id for classification) and, for images, ``pixel_values``
 (C, H, W). Every check that can fail runs before any tokenisation.
+
+The data streams: records are read and checked one at a time (JSONL line by line, parquet by row batches; a
+.json array is parsed whole) and none is kept on a cache hit; tokenised examples go to the cache file one at a
+time; ``load_datasets`` returns lazy sequences (``pipelines.data.lazy.Examples``) that read each example from
+the cache file when it is accessed. A worker holds the cache's index (about 100 bytes per example) and the
+batch it is collating, never the data set.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
+import shutil
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +40,12 @@ from pipelines.config import paths
 from pipelines.config.data import DataConfig, DataError
 from pipelines.config.run import LOSS_ON
 from pipelines.data import chat, storage
+from pipelines.data.lazy import CacheFile, CacheWriter, Examples
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # what HF models' loss functions skip
-CACHE_VERSION = 3  # bump when the tokenised layout changes, so old caches are not reused
+CACHE_VERSION = 4  # bump when the tokenised layout changes, so old caches are not reused (4: lazy.py's file)
 KINDS = {  # kind -> the keys that make it (checked in this order)
     "messages": ("messages",),
     "sharegpt": ("conversations",),
@@ -63,20 +71,16 @@ class _Record:
     conv: chat.Conversation | None = None  # chat shapes only
 
 
-def _read_rows(path: Path, max_record_bytes: int) -> list[tuple[str, Any]]:
-    """Returns (location, raw row) pairs; JSON is parsed here so a bad line fails early, and a line over
+def _iter_rows(path: Path, max_record_bytes: int) -> Iterator[tuple[str, Any]]:
+    """Yields (location, raw row) pairs, one at a time (JSONL line by line, parquet by row batches; a .json
+    array is parsed whole); JSON is parsed here so a bad line fails early, and a line over
     ``max_record_bytes`` fails before it costs anything (a 50 MB line would take minutes to tokenise)."""
     if path.suffix.lower() == ".json":
-        return _read_json_array(path, max_record_bytes)
+        yield from _read_json_array(path, max_record_bytes)
+        return
     if path.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as err:  # pyarrow raises several types for a bad file
-            raise DataError(f"{path}: not a readable parquet file ({err}).") from err
-        return [(f"{path}, row {i}", row) for i, row in enumerate(rows, 1)]
-    out = []
+        yield from _iter_parquet(path)
+        return
     with open(path, "rb") as fh:
         for n, raw in enumerate(fh, 1):
             if len(raw) > max_record_bytes:
@@ -90,11 +94,34 @@ def _read_rows(path: Path, max_record_bytes: int) -> list[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                out.append((f"{path}, line {n}", json.loads(line)))
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}, line {n}: malformed JSON ({err.msg} at column {err.colno}); fix that line "
                                 "(one JSON object per line).") from err
-    return out
+            yield f"{path}, line {n}", row
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    def unreadable(err: Exception) -> DataError:
+        return DataError(f"{path}: not a readable parquet file ({err}).")
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+    except Exception as err:  # pyarrow raises several types for a bad file
+        raise unreadable(err) from err
+    i = 0
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as err:  # noqa: BLE001 - as above, for a row group that cannot be read
+            raise unreadable(err) from err
+        if batch is None:
+            return
+        for row in batch.to_pylist():
+            i += 1
+            yield f"{path}, row {i}", row
 
 
 def _read_json_array(path: Path, max_record_bytes: int) -> list[tuple[str, Any]]:
@@ -201,7 +228,7 @@ def _check_image_header(rec: "_Record") -> None:
 def read_records(path: str | Path, image_root: str | Path | None = None, max_samples: int | None = None,
                  image_token: str | None = None, check_image_headers: bool = True, head: Head | None = None,
                  max_record_bytes: int = 8_000_000) -> list[_Record]:
-    """Returns the checked records of one file (no tokenisation).
+    """Returns the checked records of one file (no tokenisation): :func:`iter_records`, kept in a list.
 
     Raises ``DataError`` for malformed JSON, an unknown or mixed record shape, a missing or
     unreadable image, a prompt without ``image_token``, a record the model's ``head`` cannot learn from
@@ -209,16 +236,28 @@ def read_records(path: str | Path, image_root: str | Path | None = None, max_sam
     ``check_image_headers`` images are only checked to exist (a cache hit needs no more: the
     cache key holds every image's size and mtime, and they were read when it was written).
     """
+    records = list(iter_records(path, image_root, max_samples, image_token, head, max_record_bytes))
+    if check_image_headers:
+        _check_image_headers(records)
+    return records
+
+
+def iter_records(path: str | Path, image_root: str | Path | None = None, max_samples: int | None = None,
+                 image_token: str | None = None, head: Head | None = None,
+                 max_record_bytes: int = 8_000_000) -> Iterator[_Record]:
+    """Yields the checked records of one file one at a time, keeping none (images only checked to exist).
+
+    The checks of :func:`read_records`, each raised when its row is reached (the first bad row of the file
+    fails); rows after ``max_samples`` are still read and parsed (a malformed line anywhere is an error) but not
+    yielded. An empty file raises once the file is read.
+    """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
-    rows = _read_rows(path, max_record_bytes)
-    if max_samples is not None:
-        rows = rows[:max_samples]
-    if not rows:
-        raise DataError(f"{path}: no records (empty dataset); add records (one JSON object per line) or point "
-                        "data.train / data.eval at another file.")
-    records, file_kind, first_where = [], None, None
-    for where, row in rows:
+    file_kind, first_where, yielded = None, None, 0
+    for where, row in _iter_rows(path, max_record_bytes):
+        if max_samples is not None and yielded >= max_samples:
+            continue
+        yielded += 1
         kind = _kind_of(row)
         if kind is None:
             found = sorted(row) if isinstance(row, dict) else type(row).__name__
@@ -234,7 +273,7 @@ def read_records(path: str | Path, image_root: str | Path | None = None, max_sam
             raise DataError(f"{where}: a {kind} record, but {first_where} is {file_kind}; one file holds one format.")
         if kind in chat.SHAPES:
             conv = chat.parse(where, kind, row, root, images_allowed=image_token is not None)
-            records.append(_Record(where, kind, row, conv.images, conv.image_names, conv))
+            yield _Record(where, kind, row, conv.images, conv.image_names, conv)
             continue
         _check_types(where, kind, row, head)
         if kind == "image":
@@ -244,15 +283,15 @@ def read_records(path: str | Path, image_root: str | Path | None = None, max_sam
             if image_token not in row["prompt"]:
                 raise DataError(f"{where}: the prompt has no `{image_token}` token; put it where the image goes, "
                                 f"e.g. \"{image_token}\\n{row['prompt']}\".")
-            records.append(_Record(where, kind, row, [chat.image_path(where, row["image"], root)], [row["image"]]))
+            yield _Record(where, kind, row, [chat.image_path(where, row["image"], root)], [row["image"]])
             continue
-        records.append(_Record(where, kind, row))
-    if check_image_headers:
-        _check_image_headers(records)
-    return records
+        yield _Record(where, kind, row)
+    if not yielded:
+        raise DataError(f"{path}: no records (empty dataset); add records (one JSON object per line) or point "
+                        "data.train / data.eval at another file.")
 
 
-def _check_image_headers(records: list[_Record]) -> None:
+def _check_image_headers(records: Iterable[_Record]) -> None:
     for rec in records:
         _check_image_header(rec)
 
@@ -429,19 +468,39 @@ def _processor_fingerprint(processor) -> str:
     return "\n".join(parts)
 
 
-def _cache_key(path: Path, records: list[_Record], processor, max_length: int, max_samples: int | None,
-               loss_on: str = "assistant", template: str | None = None) -> str:
-    h = hashlib.sha256()
-    h.update(f"v{CACHE_VERSION}|max_length={max_length}|max_samples={max_samples}|loss_on={loss_on}\n".encode())
-    if any(rec.conv is not None for rec in records):  # the template decides the tokens of chat records only
-        h.update(f"template={template}\n".encode())
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+@dataclass(frozen=True)
+class _Scan:
+    """What the cache key needs of a file's records, gathered while they stream past (none is kept)."""
+
+    first: _Record  # its kind and location name the file's format in errors
+    count: int
+    images: str  # sha256 over every image's path, size and mtime, in record order
+
+
+def _scan(records: Iterable[_Record]) -> _Scan:
+    h, first, count = hashlib.sha256(), None, 0
     for rec in records:
+        first = first or rec
+        count += 1
         for image in rec.images:  # stat, not bytes: cheap, and catches a replaced image
             st = image.stat()
             h.update(f"{os.path.abspath(image)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    if first is None:
+        raise DataError("no records (empty dataset)")  # iter_records names the file first
+    return _Scan(first, count, h.hexdigest())
+
+
+def _cache_key(path: Path, records: Iterable[_Record] | _Scan, processor, max_length: int, max_samples: int | None,
+               loss_on: str = "assistant", template: str | None = None) -> str:
+    scan = records if isinstance(records, _Scan) else _scan(records)
+    h = hashlib.sha256()
+    h.update(f"v{CACHE_VERSION}|max_length={max_length}|max_samples={max_samples}|loss_on={loss_on}\n".encode())
+    if scan.first.conv is not None:  # the template decides the tokens of chat records only (one file, one shape)
+        h.update(f"template={template}\n".encode())
+    with open(path, "rb") as fh:  # every byte, streamed
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    h.update(f"images={scan.images}\n".encode())
     h.update(_processor_fingerprint(processor).encode())
     return h.hexdigest()
 
@@ -454,12 +513,12 @@ def default_cache_dir() -> Path:
 def cache_path(cfg: DataConfig, path: str | Path, processor, loss_on: str = "assistant") -> Path | str:
     """Returns the cache file that holds ``path`` tokenised with ``processor`` under ``cfg`` and ``loss_on`` (a
     URI, as a string, when ``cfg.cache_dir`` is one: s3://bucket/cache/...)."""
-    records = read_records(path, cfg.image_root, cfg.max_samples, _image_token(processor), check_image_headers=False,
-                           max_record_bytes=_record_bytes(cfg))
-    return _cache_file(cfg, Path(path), records, processor, loss_on)
+    scan = _scan(iter_records(path, cfg.image_root, cfg.max_samples, _image_token(processor),
+                              max_record_bytes=_record_bytes(cfg)))
+    return _cache_file(cfg, Path(path), scan, processor, loss_on)
 
 
-def _cache_file(cfg: DataConfig, path: Path, records: list[_Record], processor,
+def _cache_file(cfg: DataConfig, path: Path, records: Iterable[_Record] | _Scan, processor,
                 loss_on: str = "assistant") -> Path | str:
     template = chat.template_of(processor, cfg.chat_template_text())
     key = _cache_key(path, records, processor, cfg.max_length, cfg.max_samples, loss_on, template)
@@ -470,63 +529,44 @@ def _cache_file(cfg: DataConfig, path: Path, records: list[_Record], processor,
     return root / name
 
 
-def _pack(examples: list[dict]) -> dict:
-    """One tensor per field (the examples concatenated, with each one's shape), not one per example: loading
-    thousands of small tensors one by one is what made a warm cache slow. A field that only some examples have
-    (a chat file mixing records with and without images: the text-only ones have no image tensors) also keeps
-    which examples have it (``present``)."""
-    keys = list(dict.fromkeys(key for ex in examples for key in ex))
-    fields = {}
-    for key in keys:
-        present = [key in ex for ex in examples]
-        values = [ex[key] for ex in examples if key in ex]
-        if any(v.dim() != values[0].dim() for v in values):
-            raise ValueError(f"examples whose `{key}` tensors differ in rank")  # one processor: does not happen
-        fields[key] = {"data": torch.cat([v.reshape(-1) for v in values]),
-                       "shapes": torch.tensor([list(v.shape) for v in values], dtype=torch.long)}
-        if not all(present):
-            fields[key]["present"] = torch.tensor(present, dtype=torch.bool)
-    return {"layout": "packed", "count": len(examples), "fields": fields}
+def _fetch_remote(uri: str) -> str:
+    """A local copy of the cache file at ``uri`` (streamed to a temporary file; the caller opens and unlinks it)."""
+    fd, local = tempfile.mkstemp(prefix="freezetune-data-", suffix=".pt")
+    os.close(fd)
+    try:
+        storage.download(uri, local)
+    except BaseException:
+        os.unlink(local)
+        raise
+    return local
 
 
-def _unpack(packed: dict) -> list[dict]:
-    examples = [{} for _ in range(packed["count"])]
-    for key, stored in packed["fields"].items():
-        shapes = [torch.Size(s) for s in stored["shapes"].tolist()]
-        pieces = stored["data"].split([s.numel() for s in shapes])
-        if stored["shapes"].shape[1] != 1:  # 1-D fields (token ids, masks, labels) are already in shape
-            pieces = [piece.view(shape) for piece, shape in zip(pieces, shapes)]
-        owners = (torch.nonzero(stored["present"]).flatten().tolist() if "present" in stored
-                  else range(packed["count"]))
-        for i, piece in zip(owners, pieces):
-            examples[i][key] = piece
-    return examples
-
-
-def _read_cache(target: Path | str, path: Path) -> list[dict] | None:
-    """The cached examples of ``path``, or None when there is no usable cache file."""
+def _read_cache(target: Path | str, path: Path) -> CacheFile | None:
+    """The cache file of ``path``, opened (its index read, no example), or None when there is no usable one.
+    A URI's file is downloaded to a temporary local file first (unlinked once open: nothing is left behind)."""
     remote = isinstance(target, str)  # a URI (_cache_file)
     if not (storage.is_file(target) if remote else target.is_file()):
         return None
     try:
-        source = io.BytesIO(storage.read_bytes(target)) if remote else target
-        examples = _unpack(torch.load(source, weights_only=True))
-    except Exception as err:  # a corrupt cache is rebuilt, never trusted
+        opened = CacheFile(_fetch_remote(target), source=target, fetch=_fetch_remote, unlink=True) if remote \
+            else CacheFile(target)
+    except Exception as err:  # a corrupt or foreign cache is rebuilt, never trusted
         log.warning("data cache %s unreadable (%s); tokenising again", target, err)
         return None
     cache_stats["cache_hits"] += 1
-    log.info("data %s: %d examples from cache %s", path, len(examples), target)
-    return examples
+    log.info("data %s: %d examples from cache %s", path, len(opened), target)
+    return opened
 
 
-def _plan(cfg: DataConfig, processor, loss_on: str, files: list[Path], checked: list[list[_Record]]) -> _Plan:
-    """The tokenising plan; a chat file with no chat template to render it is an error naming the fix."""
+def _plan(cfg: DataConfig, processor, loss_on: str, files: list[Path], firsts: list[_Record]) -> _Plan:
+    """The tokenising plan; a chat file with no chat template to render it is an error naming the fix
+    (``firsts``: each file's first record, which gives the file's shape)."""
     if loss_on not in LOSS_ON:
         raise DataError(f"train.loss_on = {loss_on!r}: use one of {', '.join(LOSS_ON)}.")
     template = chat.template_of(processor, cfg.chat_template_text())
-    for f, recs in zip(files, checked):
-        if template is None and recs and recs[0].conv is not None:
-            raise DataError(f"{recs[0].where}: a {recs[0].kind} record, but the model has no chat template to "
+    for f, first in zip(files, firsts):
+        if template is None and first is not None and first.conv is not None:
+            raise DataError(f"{first.where}: a {first.kind} record, but the model has no chat template to "
                             "render it; set data.chat_template (Jinja text, or a .jinja file), use a model folder "
                             f"that has one (tokenizer_config.json / chat_template.jinja), or convert {f.name} to "
                             "prompt/completion records.")
@@ -534,35 +574,54 @@ def _plan(cfg: DataConfig, processor, loss_on: str, files: list[Path], checked: 
 
 
 def _tokenize_into_cache(cfg: DataConfig, path: Path, records: list[_Record], processor,
-                         target: Path | str, plan: _Plan | None = None) -> list[dict]:
+                         target: Path | str, plan: _Plan | None = None) -> CacheFile:
+    """Tokenises ``records`` into the cache file ``target`` one example at a time (each goes to disk as it is
+    made: memory holds the records, never the examples) and returns the file, opened."""
     plan = plan or _Plan(cfg.max_length)
     # every chat record is rendered and checked before the first one is tokenised
     rendered = [_rendered(r, processor, plan) if r.conv is not None else None for r in records]
-    examples = [ex for ex in (_tokenize(r, processor, plan, x) for r, x in zip(records, rendered)) if ex is not None]
-    dropped = len(records) - len(examples)
-    if dropped:
-        log.warning("data %s: %d record(s) dropped: nothing left to learn after cutting to max_length=%d",
-                    path, dropped, cfg.max_length)
-    if not examples:
-        raise DataError(f"{path}: no usable examples (empty dataset after truncation to max_length={cfg.max_length}).")
-    cache_stats["tokenized_files"] += 1
-    if isinstance(target, str):  # a URI: one whole object, never half of one (storage.write_bytes)
-        buffer = io.BytesIO()
-        torch.save(_pack(examples), buffer)
-        storage.write_bytes(target, buffer.getvalue())
-        log.info("data %s: tokenised %d examples into %s", path, len(examples), target)
-        return examples
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=target.parent)
-    os.close(fd)
+    remote = isinstance(target, str)  # a URI: written locally, then uploaded whole (storage.upload)
+    folder = Path(tempfile.gettempdir()) if remote else target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = CacheWriter(folder)
     try:
-        torch.save(_pack(examples), tmp)
-        os.replace(tmp, target)  # atomic: concurrent workers never read half a file
+        for r, x in zip(records, rendered):
+            ex = _tokenize(r, processor, plan, x)
+            if ex is not None:
+                writer.add(ex)
+        dropped = len(records) - writer.count
+        if dropped:
+            log.warning("data %s: %d record(s) dropped: nothing left to learn after cutting to max_length=%d",
+                        path, dropped, cfg.max_length)
+        if not writer.count:
+            raise DataError(f"{path}: no usable examples (empty dataset after truncation to max_length="
+                            f"{cfg.max_length}).")
+        cache_stats["tokenized_files"] += 1
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                writer.write(fh)
+            # this process reads its own copy (unlinked once open): the cache file itself may be replaced, or
+            # rewritten in place by hand, without changing what the returned examples read
+            opened = CacheFile(tmp, source=target, fetch=_fetch_remote if remote else None)
+            if remote:  # one whole object, never half of one
+                storage.upload(tmp, target)
+            else:
+                fd, shared = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+                os.close(fd)
+                try:
+                    shutil.copyfile(tmp, shared)
+                    os.replace(shared, target)  # atomic: concurrent workers never read half a file
+                finally:
+                    if os.path.exists(shared):
+                        os.unlink(shared)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    log.info("data %s: tokenised %d examples into %s", path, len(examples), target)
-    return examples
+        writer.close()
+    log.info("data %s: tokenised %d examples into %s", path, len(opened), target)
+    return opened
 
 
 # ---------------------------------------------------------------- datasets
@@ -571,50 +630,61 @@ def _record_bytes(cfg: DataConfig) -> int:
 
 
 def load_datasets(cfg: DataConfig, processor, seed: int, head: Head | None = None,
-                  loss_on: str = "assistant") -> tuple[list[dict], list[dict]]:
-    """Returns (train, eval) lists of examples (dicts of tensors).
+                  loss_on: str = "assistant") -> tuple[Examples, Examples]:
+    """Returns (train, eval): lazy read-only sequences of examples (dicts of tensors), read from the on-disk
+    cache when accessed (:class:`pipelines.data.lazy.Examples`: ``len``, ``ds[i]``, slices, iteration).
 
     Both files are read and checked (against the model's ``head`` when given) before anything is
-    tokenised. ``loss_on``: ``"assistant"`` labels only what the model should answer (assistant turns of chat
-    records, completions, responses), ``"all"`` every token but image slots. Without ``cfg.eval``,
-    a seeded shuffle holds out ``eval_fraction`` of train (eval is ``[]`` when it is 0).
+    tokenised; on a cache hit no record is kept (they stream past the checks and the cache key). ``loss_on``:
+    ``"assistant"`` labels only what the model should answer (assistant turns of chat records, completions,
+    responses), ``"all"`` every token but image slots. Without ``cfg.eval``, a seeded shuffle holds out
+    ``eval_fraction`` of train (eval is empty when it is 0).
     """
     cfg.validate()
     image_token = _image_token(processor)
     files = [Path(cfg.train)] + ([Path(cfg.eval)] if cfg.eval else [])
-    checked = [read_records(f, cfg.image_root, cfg.max_samples, image_token, check_image_headers=False, head=head,
-                            max_record_bytes=_record_bytes(cfg)) for f in files]
-    plan = _plan(cfg, processor, loss_on, files, checked)
-    targets = [_cache_file(cfg, f, recs, processor, loss_on) for f, recs in zip(files, checked)]
+
+    def records(f: Path) -> Iterator[_Record]:
+        return iter_records(f, cfg.image_root, cfg.max_samples, image_token, head=head,
+                            max_record_bytes=_record_bytes(cfg))
+
+    scans = [_scan(records(f)) for f in files]  # every record of every file checked; none kept
+    plan = _plan(cfg, processor, loss_on, files, [s.first for s in scans])
+    targets = [_cache_file(cfg, f, scan, processor, loss_on) for f, scan in zip(files, scans)]
     cached = [_read_cache(t, f) for t, f in zip(targets, files)]
-    for recs, hit in zip(checked, cached):
-        if hit is None:  # every image of every file to tokenise is checked before any tokenising starts
-            _check_image_headers(recs)
-    loaded = [hit if hit is not None else _tokenize_into_cache(cfg, f, recs, processor, t, plan)
-              for f, recs, t, hit in zip(files, checked, targets, cached)]
-    train = loaded[0]
+    # the files to tokenise are read again, kept this time; every image of each is checked before any tokenising
+    missed = {i: list(records(files[i])) for i, hit in enumerate(cached) if hit is None}
+    for recs in missed.values():
+        _check_image_headers(recs)
+    opened = [hit if hit is not None else _tokenize_into_cache(cfg, files[i], missed.pop(i), processor, targets[i],
+                                                               plan)
+              for i, hit in enumerate(cached)]
+    train = Examples(opened[0])
     if cfg.eval:
-        return train, loaded[1]
+        return train, Examples(opened[1])
     if cfg.eval_fraction == 0:
-        return train, []
+        return train, train[:0]
     n_eval = max(1, round(len(train) * cfg.eval_fraction))
     if n_eval >= len(train):
         raise DataError(f"{cfg.train}: {len(train)} example(s) are too few to hold out eval_fraction="
                         f"{cfg.eval_fraction}; add data, give data.eval, or set data.eval_fraction=0.")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]]
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return train.take(order[n_eval:]), train.take(order[:n_eval])
 
 
-def shard(dataset: list, rank: int, world_size: int) -> list:
+def shard(dataset: Sequence, rank: int, world_size: int) -> Sequence:
     """Returns worker ``rank``'s part: every ``world_size``-th example, the remainder dropped.
 
     Parts are disjoint and equally long, so every DDP worker runs the same number of steps.
     With fewer examples than workers every part is empty; the caller decides whether that is an error.
+    A sequence is sliced (an ``Examples`` gives a lazy view, a list a list); any other indexable gives a list.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"shard: rank {rank} is not in [0, {world_size})")
-    per_worker = len(dataset) // world_size
-    return [dataset[i] for i in range(rank, per_worker * world_size, world_size)]
+    stop = len(dataset) // world_size * world_size
+    if isinstance(dataset, Sequence):
+        return dataset[rank:stop:world_size]
+    return [dataset[i] for i in range(rank, stop, world_size)]
 
 
 def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

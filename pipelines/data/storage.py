@@ -136,17 +136,47 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one, never a part."""
+    _write(path, lambda f: f.write(data))
+
+
+def upload(local: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Copy the local file ``local`` to ``path`` (a local path or a URI), streamed in chunks (never the whole
+    file in memory), with ``write_bytes``' guarantee: a reader sees the old file or the whole new one."""
+    with open(local, "rb") as src:
+        _write(path, lambda f: _copy(src.read, f.write))
+
+
+def download(path: str | os.PathLike, local: str | os.PathLike) -> None:
+    """Copy the file at ``path`` (a local path or a URI) to the local file ``local``, streamed in chunks."""
+    fs, fs_path = filesystem(path)
+    with fs.open_input_stream(fs_path) as src, open(local, "wb") as dst:
+        _copy(src.read, dst.write)
+
+
+CHUNK = 8 << 20
+
+
+def _copy(read, write) -> None:
+    while True:
+        chunk = read(CHUNK)
+        if not chunk:
+            return
+        write(chunk)
+
+
+def _write(path: str | os.PathLike, fill) -> None:
+    """Opens ``path`` for writing, lets ``fill(stream)`` write it, and makes it visible whole."""
     fs, fs_path = filesystem(path)
     parent = posixpath.dirname(fs_path) if is_uri(str(path)) else os.path.dirname(fs_path)
     if fs.type_name in OBJECT_STORES:
         with fs.open_output_stream(fs_path) as f:  # visible only once the upload completes
-            f.write(data)
+            fill(f)
         return
     fs.create_dir(parent, recursive=True)
     tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(fs_path)}")
     try:
         with fs.open_output_stream(tmp) as f:
-            f.write(data)
+            fill(f)
         fs.move(tmp, fs_path)  # a rename on a filesystem
     finally:
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
