@@ -24,6 +24,10 @@ Benchmarks (one module each):
    ``token_loss_sum`` / the former fp32-copy-of-every-logit formula, same logits, same run. Target <= 0.5.
 8. ``sharding``      — FSDP2 vs DDP on 2 gloo ranks, full fine-tuning: weights + grads + AdamW held per rank
    (target fsdp / ddp <= 0.55) and step time (informational).
+9. ``packing``       — tokens/s of packed rows (``train.packing``) / padded batches on text of mixed lengths, the
+   same examples side by side, the same loss (target >= 1.3).
+10. ``data_memory``  — a worker's peak memory (VmHWM) over one epoch of image-text batches with 10x the records
+   / with 1x, cache warm, clean processes (target <= 1.10).
 """
 
-BENCHMARKS = ["data_cache", "freeze", "ray_overhead", "trial_cost", "early_stopping", "gpu", "loss_memory", "sharding"]  # run order
+BENCHMARKS = ["data_cache", "freeze", "ray_overhead", "trial_cost", "early_stopping", "gpu", "loss_memory", "sharding", "packing", "data_memory"]  # run order

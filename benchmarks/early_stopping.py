@@ -2,11 +2,13 @@
 
 ``pipelines.jobs.sweep.run_sweep("tune_spaces/demo.yaml", overrides=...)``, unchanged but for: ``num_samples`` (8;
 quick: 2), the scheduler, a fresh storage path and SQLite MLflow store, and — so no pre-training runs here —
-``base.model`` = a materialised tiny-llava and ``base.data`` = demo data generated here (the demo's task and
-sizes: 512 train + 64 eval; quick: 32 + 16 and 2 epochs). Random search with the file's ``search_seed``
-draws the same configurations for both sweeps, so they run the same trials. Wall time: the whole
-``run_sweep`` call (what a user waits for; the Tune ``fit`` alone is in details). Both sweeps share one Ray
-instance started before them.
+``base.model`` = a materialised tiny-llava and ``base.data`` = demo data generated here (the demo's task,
+4096 train + 64 eval records; quick: 32 + 16 and 2 epochs), reports every quarter epoch
+(``train.report_every``) and ASHA's grace period a quarter epoch: trials that run many report intervals,
+so ASHA decides inside epochs. Random search with the file's ``search_seed`` draws the same configurations
+for both sweeps, so they run the same trials. Wall time: the whole ``run_sweep`` call (what a user waits for;
+the Tune ``fit`` alone is in details). Both sweeps share one Ray instance started before them. Epochs trained
+per trial: its last optimizer step in MLflow (``step/train_loss``) / steps per epoch, fractional.
 """
 
 from __future__ import annotations
@@ -21,14 +23,18 @@ NAME = "early_stopping"
 TARGET = 0.5
 
 
-def _sweep(ctx, scheduler: dict, n: int, epochs: int | None, files: dict, tag: str) -> dict:
+REPORTS_PER_EPOCH = 4
+BATCH = 16  # the demo's base.train.batch_size
+
+
+def _sweep(ctx, scheduler: dict, n: int, epochs: int | None, files: dict, tag: str, steps_per_epoch: int) -> dict:
     space = ctx.root / "tune_spaces" / "demo.yaml"
     base = {"model": ctx.tiny_llava(), "storage_path": str(ctx.workdir / f"sweep-{tag}"),
             "cache_dir": str(ctx.workdir / "cache"),
             "data": {"train": str(files["train"]), "eval": str(files["eval"])},
             "mlflow": {"tracking_uri": f"sqlite:///{ctx.workdir / 'sweeps.db'}", "experiment": f"bench-{tag}"}}
-    if epochs is not None:
-        base["train"] = {"epochs": epochs}
+    base["train"] = {"report_every": max(1, steps_per_epoch // REPORTS_PER_EPOCH),
+                     **({"epochs": epochs} if epochs is not None else {})}
     overrides = {"base": base, "sweep": {"num_samples": n, "scheduler": scheduler}}
     fit_times = []
     from ray import tune
@@ -57,8 +63,9 @@ def _sweep(ctx, scheduler: dict, n: int, epochs: int | None, files: dict, tag: s
     trials = []
     for run in children:
         history = tracking.metric_history(uri, run.info.run_id, "epoch_seconds")
+        steps = max((step for step, _ in tracking.metric_history(uri, run.info.run_id, "step/train_loss")), default=0)
         trials.append({"trial_id": run.data.tags.get("trial_id"), "outcome": run.data.tags.get("outcome"),
-                       "strategy": run.data.params.get("strategy.name"), "epochs": len(history),
+                       "strategy": run.data.params.get("strategy.name"), "epochs": steps / steps_per_epoch,
                        "train_seconds": sum(v for _, v in history),
                        "wall_s": ((run.info.end_time or 0) - run.info.start_time) / 1000 if run.info.end_time else None,
                        "eval_loss": run.data.metrics.get("eval_loss")})
@@ -73,18 +80,20 @@ def run(ctx) -> list:
     import yaml
 
     space = yaml.safe_load((ctx.root / "tune_spaces" / "demo.yaml").read_text())
-    asha = {**space["sweep"]["scheduler"], "type": "asha"}
+    asha = {**space["sweep"]["scheduler"], "type": "asha", "grace_period": 1 / REPORTS_PER_EPOCH}
     n, epochs = (2, 2) if ctx.quick else (8, None)
-    files = ctx.demo_data(32, 16) if ctx.quick else ctx.demo_data(512, 64)
+    records = (32, 16) if ctx.quick else (4096, 64)
+    files = ctx.demo_data(*records)
+    steps_per_epoch = -(-records[0] // BATCH)
     e = epochs or space["base"]["train"]["epochs"]
     ctx.ray()
     results = {}
     for tag, scheduler in (("fifo", {"type": "fifo"}), ("asha", asha)):
         log(f"early_stopping: demo sweep, {n} trials x {e} epochs, {tag}")
-        results[tag] = _sweep(ctx, scheduler, n, epochs, files, tag)
+        results[tag] = _sweep(ctx, scheduler, n, epochs, files, tag, steps_per_epoch)
         r = results[tag]
         log(f"early_stopping: {tag}: {r['wall_s']:.0f} s (Tune fit {r['tune_fit_s']:.0f} s), "
-            f"{sum(t['epochs'] for t in r['trials'])} epochs trained, best {r['best_params']} = {r['best_value']}")
+            f"{sum(t['epochs'] for t in r['trials']):.2f} epochs trained, best {r['best_params']} = {r['best_value']}")
     fifo, asha_r = results["fifo"], results["asha"]
     ratio = asha_r["wall_s"] / fifo["wall_s"]
     same = asha_r["best_params"] == fifo["best_params"]
@@ -122,15 +131,17 @@ def run(ctx) -> list:
         fit_note = f"the fit gave F = {fixed_f:.1f} s, E = {per_epoch:.1f} s per epoch: too noisy to use"
     else:
         fit_note = None
-    how = (f"pipelines.jobs.sweep.run_sweep(tune_spaces/demo.yaml) with num_samples={n}, {e} epochs, random search "
+    how = (f"pipelines.jobs.sweep.run_sweep(tune_spaces/demo.yaml) with num_samples={n}, {e} epochs of "
+           f"{steps_per_epoch} steps, a report every {max(1, steps_per_epoch // REPORTS_PER_EPOCH)} steps, ASHA grace "
+           f"{grace:g} epochs, random search "
            f"(search_seed {space['sweep']['search_seed']}: the same draws in both), {space['sweep']['max_concurrent_trials']}"
            f" trials at a time, 1 worker x 1 CPU each; base.model = materialised tiny-llava, demo data "
-           f"({'32+16' if ctx.quick else '512+64'} records); wall = the run_sweep call; one run of each")
+           f"({records[0]}+{records[1]} records); wall = the run_sweep call; one run of each")
     note = None
     if ratio > TARGET:
         note = (f"with max_t={e}, grace {grace} and reduction factor {rf}, even a synchronous ASHA trains "
-                f"{ideal:.0f} of {n * e} epochs ({ideal / (n * e):.2f}); this async ASHA trained {ep_asha} vs FIFO's "
-                f"{ep_fifo}.")
+                f"{ideal:.1f} of {n * e} epochs ({ideal / (n * e):.2f}); this async ASHA trained {ep_asha:.1f} vs "
+                f"FIFO's {ep_fifo:.1f}.")
         if bound is not None:
             note += (f" But every trial pays a fixed ~{fixed_f:.0f} s (2 trials sharing 2 CPUs; fit over both sweeps: "
                      f"wall = {fixed_f:.0f} s + {per_epoch:.1f} s x epochs, of which {train_per_epoch:.1f} s is "

@@ -5,8 +5,8 @@ draw) are trained on two ways with the same batch size (``train.batch_size`` row
 tokens), as a run with ``train.packing`` off or on would:
 
 - padding: batches of examples in a fixed shuffled order, ``dataset.collate`` pads each to its longest;
-- packing: ``pipelines.data.packing.pack`` (best-fit decreasing) rows, collated the same way, the model called
-  on ``packed_batch`` (the 4-D block-diagonal mask; built inside the timed step).
+- packing: ``pipelines.data.packing.pack`` (best-fit decreasing) rows, collated the same way; the loop's
+  ``step.forward`` calls the model on ``packed_batch`` (the 4-D block-diagonal mask; built inside the timed step).
 
 Two copies of one Llama-style model (same init, full fine-tuning, AdamW), one per way. A round is one epoch of
 each over the same examples (``pipelines.training.step.train_step``, the loop's own step; collate outside the
@@ -51,24 +51,6 @@ def batches(rows, batch: int) -> list[dict]:
 
     rows = list(rows)
     return [collate(rows[i:i + batch], pad_token_id=0) for i in range(0, len(rows), batch)]
-
-
-def _packed_model(model, attn: str):
-    """``model`` called on packed_batch of what it gets: the benchmark's stand-in for the loop's wiring (the 2-D
-    mask stays in the batch train_step counts tokens from)."""
-    import torch
-
-    from pipelines.data.packing import packed_batch  # lazy: torch; `freezetune --help` loads this module
-
-    class Packed(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = model
-
-        def forward(self, **batch):
-            return self.inner(**packed_batch(batch, attn))
-
-    return Packed()
 
 
 def _epoch(net, params, optimizer, data: list[dict], device) -> tuple[float, int]:
@@ -123,7 +105,7 @@ def measure(p: dict) -> dict:
         model = size.build(vlm=False, seed=0)
         attn = attention_implementation(model, p["max_length"])
         params = list(model.parameters())
-        net = model if mode == "padding" else _packed_model(model, attn)
+        net = model  # train_step's forward builds the packed mask itself (a batch with position_ids)
         runs[mode] = (net, params, torch.optim.AdamW(params, lr=1e-4), padded if mode == "padding" else packed)
     check = same_loss(runs["padding"][0], padded, packed, attn)
     per = {"padding": [], "packing": []}

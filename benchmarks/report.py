@@ -15,8 +15,12 @@ TITLES = {
     "data_cache": "(5) Data cache",
     "gpu": "(6) GPU",
     "loss_memory": "(7) Loss memory",
+    "sharding": "(8) FSDP2 sharding",
+    "packing": "(9) Sequence packing",
+    "data_memory": "(10) Worker memory vs data size",
 }
-ORDER = ["ray_overhead", "freeze", "trial_cost", "early_stopping", "data_cache", "gpu", "loss_memory"]
+ORDER = ["ray_overhead", "freeze", "trial_cost", "early_stopping", "data_cache", "gpu", "loss_memory", "sharding",
+         "packing", "data_memory"]
 VERDICT = {"pass": "pass", "fail": "**MISSED**", "na": "n/a"}
 
 

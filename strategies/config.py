@@ -60,7 +60,10 @@ class StrategyConfig:
     llm_lr: float | None = _f(None, "learning rate of the language model and head (default: lr)")
     layer_decay: float = _f(1.0, "discriminative LR: block l gets lr * decay**(L-1-l); in (0, 1], 1 = off")
     top_k: int = _f(2, "top_k: number of top language blocks to train")
-    layers_per_epoch: int = _f(1, "progressive: blocks thawed per epoch (ULMFiT: 1)")
+    layers_per_epoch: int = _f(1, "progressive: blocks thawed per stage (ULMFiT: 1); a stage is an epoch unless "
+                                  "thaw_every says otherwise")
+    thaw_every: float | None = _f(None, "progressive: a thaw stage lasts this many optimizer steps (an integer >= 1) "
+                                        "or this fraction of the run's steps (a number in (0, 1)); default: an epoch")
     weight_decay: float = _f(0.01, "AdamW weight decay on weights (never on biases and norm weights)")
     train_embeddings: bool | None = _f(None, "train the input embeddings too (default: only `full` and a fully thawed `progressive`)")
     lora_r: int = _f(16, "LoRA rank")
@@ -115,6 +118,12 @@ class StrategyConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise StrategyConfigError(f"{where}.{key} = {value!r}: must be an integer >= 1.")
+        thaw = self.thaw_every
+        if thaw is not None and (not isinstance(thaw, (int, float)) or isinstance(thaw, bool) or not math.isfinite(thaw)
+                                 or thaw <= 0 or (thaw >= 1 and thaw != int(thaw))):
+            raise StrategyConfigError(f"{where}.thaw_every = {thaw!r}: use optimizer steps per stage (an integer >= 1, "
+                                      "e.g. 500) or a fraction of the run (in (0, 1), e.g. 0.1); leave it unset for "
+                                      "one stage per epoch.")
         if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
             raise StrategyConfigError(f"{where}.weight_decay = {self.weight_decay!r}: must be >= 0 (default 0.01).")
         if not (0 <= self.lora_dropout < 1):

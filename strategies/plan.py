@@ -139,7 +139,8 @@ class Plan:
             lowest = blocks[0] if blocks else None
             if epoch > 1 and lowest == lowest_prev:
                 continue
-            out.append({"epoch": epoch, "lowest_language_block": lowest, "trainable_params": self.count_trainable(epoch)})
+            out.append({"epoch": epoch, "starts": stage_start(epoch, self.config.thaw_every),
+                        "lowest_language_block": lowest, "trainable_params": self.count_trainable(epoch)})
             lowest_prev = lowest
         return out
 
@@ -224,6 +225,23 @@ class Plan:
             "param_parts": {name: part_of_unit(unit) for name, unit in self.parts.unit_of.items()},
             "param_units": dict(self.parts.unit_of),
         }
+
+
+def stage_start(stage: int, thaw_every: float | None) -> str:
+    """When a thaw stage (1-based) starts: at an epoch, an optimizer step or a share of the run (thaw_every)."""
+    if thaw_every is None:
+        return f"epoch {stage}"
+    if thaw_every < 1:
+        return f"{min((stage - 1) * thaw_every, 1):.0%} of the run"
+    return f"step {(stage - 1) * int(thaw_every)}"
+
+
+def stage_steps(thaw_every: float | None, total_steps: int) -> int | None:
+    """Optimizer steps per thaw stage (``thaw_every``: steps, or a fraction of the run's ``total_steps``);
+    None: a stage per epoch."""
+    if thaw_every is None:
+        return None
+    return max(1, round(thaw_every * total_steps)) if thaw_every < 1 else int(thaw_every)
 
 
 def build_plan(model: nn.Module, config: StrategyConfig | dict) -> Plan:

@@ -170,7 +170,7 @@ def settings_used(strategy: Strategy, is_vlm: bool) -> set[str]:
     if strategy.lora_sides:
         used |= _LORA
     if name == "progressive":
-        used.add("layers_per_epoch")
+        used |= {"layers_per_epoch", "thaw_every"}
     if name in ("top_k", "importance_top_k"):
         used.add("top_k")
     if name == "importance_top_k":

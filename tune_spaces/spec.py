@@ -143,8 +143,11 @@ class Dim:
 
 @dataclass
 class SchedulerSettings:
-    type: str = setting("asha", "asha (early stopping on the per-epoch metric) | fifo")
-    grace_period: int = setting(1, "asha: epochs every trial gets before it can be stopped")
+    type: str = setting("asha", "asha (early stopping on the metric of each report: every train.report_every "
+                                "optimizer steps and each epoch's end) | fifo")
+    grace_period: float = setting(1, "asha: epochs every trial gets before it can be stopped; a fraction (e.g. 0.25) "
+                                     "lets ASHA decide inside the first epoch, at the reports train.report_every "
+                                     "makes; rungs at grace_period * reduction_factor**k epochs")
     reduction_factor: float = setting(2, "asha: keep 1/reduction_factor at each rung")
 
 
@@ -194,9 +197,9 @@ class SweepSettings:
         if not (_is_number(grace) and _is_number(factor) and math.isfinite(grace) and math.isfinite(factor)):
             raise SpaceError(f"{where}.scheduler: grace_period ({grace!r}) and reduction_factor ({factor!r}) must be "
                              "finite numbers, e.g. grace_period: 1, reduction_factor: 2.")
-        if not isinstance(grace, int) or grace < 1 or factor <= 1:
-            raise SpaceError(f"{where}.scheduler: grace_period must be an integer >= 1 and reduction_factor > 1 "
-                             f"(got {grace!r} and {factor!r}).")
+        if grace <= 0 or factor <= 1:
+            raise SpaceError(f"{where}.scheduler: grace_period must be > 0 epochs (e.g. 1, or 0.25 for a quarter) "
+                             f"and reduction_factor > 1 (got {grace!r} and {factor!r}).")
         natural = METRICS.get(self.metric, (None, None))[1]
         if natural and natural != self.mode:  # the user's choice (e.g. hunting the worst trials); said once
             log.warning("%s: mode = %s ranks %s from the %s; it is usually ranked in mode %s.", where, self.mode,
@@ -470,7 +473,7 @@ def _check_grace_period(sweep: SweepSettings, dims: list[Dim], base: dict, where
     epochs, source = _max_epochs(dims, base)
     grace = sweep.scheduler.grace_period
     if epochs is not None and grace > epochs:
-        raise SpaceError(f"{where}.sweep.scheduler.grace_period = {grace}: ASHA stops no trial before epoch {grace}, "
+        raise SpaceError(f"{where}.sweep.scheduler.grace_period = {grace:g}: ASHA stops no trial before epoch {grace:g}, "
                          f"but trials run at most {epochs} epoch(s) ({source}), so it would never stop anything; lower "
                          f"grace_period to <= {epochs}, or use scheduler.type: fifo.")
 

@@ -23,6 +23,7 @@ from strategies.settings import setting as _f
 PRECISIONS = ("fp32", "bf16", "fp16")
 SAVE_MODES = ("adapter", "merged", "none")
 LOSS_ON = ("assistant", "all")
+DEFAULT_REPORT_EVERY = 100  # optimizer steps: a loss curve for hour-long epochs, one report an epoch for short ones
 PARALLEL = ("auto", "ddp", "fsdp")
 LOAD_DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -59,6 +60,17 @@ class TrainSettings:
     save: str = _f("adapter", "final model: adapter (trainable weights / LoRA adapter) | merged (full model) | none")
     find_unused_parameters: bool | None = _f(None, "DDP: default on when vision weights train (layers above the feature layer feed no loss)")
     eval_max_batches: int | None = _f(None, "cap on eval batches per epoch (None = whole eval set)")
+    report_every: int | None = _f(None, "optimizer steps between reports (metrics to Tune and MLflow, a bounded eval, "
+                                        "ASHA's decision points); every epoch also ends with one; default: every "
+                                        f"{DEFAULT_REPORT_EVERY} steps, at most once an epoch")
+    report_eval_batches: int = _f(8, "eval batches per worker at a report inside an epoch (a fixed subset: the first "
+                                     "ones of the eval set); each epoch ends with the full eval")
+    save_every: int | None = _f(None, "optimizer steps between checkpoints inside an epoch, at the report on or after "
+                                      "each multiple (a killed run resumes at the next batch); every epoch ends with "
+                                      "one; default: epoch ends only")
+    packing: bool = _f(False, "text: pack several examples per row up to data.max_length (position ids restart, no "
+                              "attention across examples); not for image-text or classification data")
+    progress_bar: bool = _f(True, "a progress bar with loss and ETA on rank 0")
     activation_checkpointing: bool = _f(False, "recompute block activations in backward (about 1/3 more compute, "
                                                "far less memory); frozen lower blocks still get no backward")
     log_model: str | None = _f(None, "final model logged to MLflow as the run's model (runs:/RUN/model, registrable): "
@@ -103,6 +115,10 @@ class TrainSettings:
             raise ConfigError(f"{where}.adam_betas = {betas}: use two numbers in [0, 1), e.g. [0.9, 0.999].")
         if not 0 < self.adam_eps < 1:
             raise ConfigError(f"{where}.adam_eps = {self.adam_eps}: must be in (0, 1), e.g. 1e-8.")
+        for key in ("report_every", "save_every"):
+            if getattr(self, key) is not None:
+                _positive_int(getattr(self, key), f"{where}.{key}")
+        _positive_int(self.report_eval_batches, f"{where}.report_eval_batches")
         if self.eval_max_batches is not None and self.eval_max_batches < 1:
             raise ConfigError(f"{where}.eval_max_batches = {self.eval_max_batches}: must be >= 1 (an epoch without "
                               "eval would report no eval_loss); leave it unset to evaluate the whole eval set.")

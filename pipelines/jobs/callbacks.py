@@ -18,7 +18,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune import Callback as TuneCallback
 
 from pipelines import tracking
-from pipelines.config.metrics import EVERY_EPOCH_METRIC
+from pipelines.config.metrics import EVERY_EPOCH_METRIC, EVERY_REPORT_METRIC, report_axes
 from pipelines.data import storage as storage_fs
 from pipelines.jobs.importance import log_trial_importance
 from pipelines.jobs.model_logging import log_trained_model
@@ -29,14 +29,16 @@ log = logging.getLogger("freezetune.mlflow")
 
 
 class TrainEpochLogger(UserCallback):
-    """After each epoch report: the metrics of rank 0 (already all-reduced) and the nodes that ran it."""
+    """After each report: the metrics of rank 0 (already all-reduced) and the nodes that ran it. Every report's
+    ``step/*`` metrics go to MLflow at the optimizer step; a report that ends an epoch also logs its metrics at
+    ``step=epoch`` (what ``compare`` ranks on)."""
 
     def __init__(self, tracking_uri: str, run_id: str, storage: str | None = None):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.storage = storage  # the run's storage_path: a checkpoint's path on it, as a URI for the tags
-        self.logged_epoch: int | None = None  # read from MLflow on first use (a resumed run has history)
-        self.pending: list[tuple[int, dict]] = []
+        self.logged: tuple[int, int] | None = None  # (epoch, optimizer step) MLflow holds; read on first use
+        self.pending: list[tuple[dict, list, str | None]] = []
 
     def after_report(self, run_context, metrics, checkpoint):
         if not metrics:
@@ -46,34 +48,55 @@ class TrainEpochLogger(UserCallback):
         where = None
         if checkpoint:
             where = storage_fs.uri_of(self.storage, checkpoint.path) if self.storage else checkpoint.path
-        self.pending.append((int(first.get("epoch", 0)), first, nodes, where))
+        self.pending.append((first, nodes, where))
         self._deliver()
 
     def backfill(self, checkpoints: list[tuple[int, dict, str]]) -> None:
         """Log the (epoch, metrics, checkpoint) of persisted checkpoints that MLflow does not hold yet: a driver
-        killed after Ray persisted an epoch's checkpoint and before it logged that epoch resumes after it, and
-        no worker reports that epoch again."""
-        self.pending.extend((epoch, metrics, [], where) for epoch, metrics, where in sorted(checkpoints))
+        killed after Ray persisted a checkpoint and before it logged that report resumes after it, and no worker
+        reports it again."""
+        self.pending.extend((metrics, [], where) for _, metrics, where in
+                            sorted(checkpoints, key=lambda c: (c[0], c[1].get("optimizer_steps", 0))))
         self._deliver()
 
     def _deliver(self) -> None:
-        try:  # MLflow away: keep the epochs and deliver them with the next report; training goes on
+        try:  # MLflow away: keep the reports and deliver them with the next one; training goes on
             with tracking.attempts(2):
-                if self.logged_epoch is None:
-                    history = tracking.metric_history(self.tracking_uri, self.run_id, EVERY_EPOCH_METRIC)
-                    self.logged_epoch = max((step for step, _ in history), default=0)
+                if self.logged is None:
+                    self.logged = (_last_step(self.tracking_uri, self.run_id, EVERY_EPOCH_METRIC),
+                                   _last_step(self.tracking_uri, self.run_id, EVERY_REPORT_METRIC))
                 while self.pending:
-                    epoch, values, nodes, ckpt = self.pending[0]
-                    if epoch > self.logged_epoch:  # a restarted run re-reports what MLflow already holds
-                        tracking.log_metrics(self.tracking_uri, self.run_id, values, step=epoch)
-                        tags = {"node_ids": ",".join(nodes)} if nodes else {}
-                        if ckpt:
-                            tags.update(last_checkpoint=ckpt, last_epoch=epoch)
+                    values, nodes, ckpt = self.pending[0]
+                    self.logged = _log_report(self.tracking_uri, self.run_id, values, self.logged)
+                    tags = {"node_ids": ",".join(nodes)} if nodes else {}
+                    if ckpt:  # a resumed run starts from Ray's latest checkpoint: this one (or a later one)
+                        tags.update(last_checkpoint=ckpt, last_step=int(values.get("optimizer_steps", 0)))
+                        if values.get("epoch_end", 1):
+                            tags["last_epoch"] = int(values.get("epoch", 0))
+                    if tags:
                         tracking.set_tags(self.tracking_uri, self.run_id, tags)
-                        self.logged_epoch = epoch
                     self.pending.pop(0)
         except Exception as err:  # noqa: BLE001 - MLflow/requests/sqlite errors alike
-            log.warning("MLflow unreachable (%s): %d epoch(s) kept for the next report", err, len(self.pending))
+            log.warning("MLflow unreachable (%s): %d report(s) kept for the next one", err, len(self.pending))
+
+
+def _last_step(uri: str, run_id: str, key: str) -> int:
+    return max((step for step, _ in tracking.metric_history(uri, run_id, key)), default=0)
+
+
+def _log_report(uri: str, run_id: str, values: dict, logged: tuple[int, int]) -> tuple[int, int]:
+    """One report onto MLflow's two axes (``metrics.report_axes``), each only past what it already holds (a
+    restarted run reports again what was logged before it died); returns the new (epoch, step) logged."""
+    per_epoch, per_step = report_axes(values)
+    epoch, step = int(values.get("epoch", 0)), int(values.get("optimizer_steps", 0))
+    last_epoch, last_step = logged
+    if per_step and step > last_step:
+        tracking.log_metrics(uri, run_id, per_step, step=step)
+        last_step = step
+    if per_epoch is not None and epoch > last_epoch:
+        tracking.log_metrics(uri, run_id, per_epoch, step=epoch)
+        last_epoch = epoch
+    return last_epoch, last_step
 
 
 class SweepMlflowCallback(TuneCallback):
@@ -91,7 +114,7 @@ class SweepMlflowCallback(TuneCallback):
         self.plan = plan
         self.epochs = epochs
         self._runs: dict[str, MlflowRun] = {}
-        self._logged_epoch: dict[str, int] = {}
+        self._logged: dict[str, tuple[int, int]] = {}  # trial id -> (epoch, optimizer step) MLflow holds
         self._trial_epochs: dict[str, int] = {}
         self._trial_cfg: dict = {}  # trial id -> its RunConfig
         self._outbox: list[tuple] = []  # (write, args) kept while MLflow is unreachable
@@ -110,8 +133,8 @@ class SweepMlflowCallback(TuneCallback):
             run.log_params({**used_params(cfg, self.plan.is_vlm), "trial_id": trial.trial_id,
                             "sampled": json.dumps(overrides, default=str)})
         self._trial_epochs[trial.trial_id] = cfg.train.epochs  # a searched train.epochs differs per trial
-        history = tracking.metric_history(self.uri, run.run_id, EVERY_EPOCH_METRIC)
-        self._logged_epoch[trial.trial_id] = max((step for step, _ in history), default=0)
+        self._logged[trial.trial_id] = (_last_step(self.uri, run.run_id, EVERY_EPOCH_METRIC),
+                                        _last_step(self.uri, run.run_id, EVERY_REPORT_METRIC))
         self._runs[trial.trial_id] = run
         return run
 
@@ -184,21 +207,22 @@ class SweepMlflowCallback(TuneCallback):
     # --- the writes ----------------------------------------------------------------------------
     def _log_result(self, trial, result: dict) -> None:
         run = self._child(trial)
-        epoch = int(result.get("epoch", 0))
-        if epoch <= self._logged_epoch.get(trial.trial_id, 0):
-            return  # already logged (a trial restarted from scratch reports its epochs again)
-        run.log_metrics(result, step=epoch)
-        self._logged_epoch[trial.trial_id] = epoch
+        # a trial restarted from scratch reports its epochs again: only what MLflow lacks is logged
+        self._logged[trial.trial_id] = _log_report(self.uri, run.run_id, result,
+                                                   self._logged.get(trial.trial_id, (0, 0)))
         if result.get("node_id"):  # where rank 0 ran: node ids tell nodes apart even on one host
             run.set_tags({"node_ip": result.get("node_ip"), "node_id": result["node_id"]})
 
     def _complete(self, trial) -> None:
         run = self._child(trial)
-        last = self._logged_epoch.get(trial.trial_id, 0)
+        last = self._logged.get(trial.trial_id, (0, 0))[0]
         epochs = self._trial_epochs.get(trial.trial_id, self.epochs)
         if last < epochs:
+            result = getattr(trial, "last_result", None) or {}
+            at = (f"at {result['progress']:.2f} epochs (optimizer step {result.get('optimizer_steps')})"
+                  if "progress" in result else f"after epoch {last}")
             run.set_tags({"outcome": "stopped_early",
-                          "stop_reason": f"stopped by the scheduler after epoch {last} of {epochs} "
+                          "stop_reason": f"stopped by the scheduler {at} of {epochs} "
                                          "(its metric was below the cut at that rung)"})
         else:
             run.set_tags({"outcome": "finished"})

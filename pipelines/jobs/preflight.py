@@ -15,6 +15,7 @@ from pipelines import tracking
 from pipelines.config.run import RunConfig
 from pipelines.data import storage as storage_fs
 from pipelines.data.dataset import Head, load_datasets, shard
+from pipelines.data.packing import attention_implementation, packed_shard
 from pipelines.jobs import ray_env
 from pipelines.jobs.importance import apply_importance
 from pipelines.jobs.sources import resolve_data_sources, resolve_model, skeleton_plan
@@ -59,7 +60,14 @@ def prepare(cfg: RunConfig) -> Prepared:
     # tokenise once here: the workers (and later trials) read the cache
     head = Head(classifier_labels(config))
     train_set, eval_set = load_datasets(cfg.data, processor, seed=cfg.seed, head=head, loss_on=cfg.train.loss_on)
-    per_worker = len(shard(train_set, 0, cfg.resources.num_workers))
+    if cfg.train.packing:
+        try:
+            attention_implementation(plan.model, cfg.data.max_length)
+            per_worker = len(packed_shard(train_set, cfg.data.max_length, 0, cfg.resources.num_workers))
+        except ValueError as err:
+            raise ValueError(f"train.packing: {err}") from None
+    else:
+        per_worker = len(shard(train_set, 0, cfg.resources.num_workers))
     if per_worker == 0:
         raise ValueError(f"data.train: {len(train_set)} examples cannot feed {cfg.resources.num_workers} workers; "
                          "add data or lower resources.num_workers.")

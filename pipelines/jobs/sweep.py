@@ -213,14 +213,20 @@ def _settings_dict(spec: SweepSpec) -> dict:
 def _param_space(plan: SweepPlan) -> dict:
     if plan.spec.sweep.search == "optuna":
         return {}
-    return {"config_index": tune.grid_search(list(range(len(plan.configs)))),
-            "seed_index": tune.grid_search(list(range(plan.spec.sweep.seeds)))}
+    configs = plan.configs
+    # the sampled values, so that Tune's live table shows them next to each trial (read from the drawn config;
+    # the trial itself reads only config_index and seed_index)
+    shown = {key: tune.sample_from(lambda config, key=key: configs[config["config_index"]].get(key))
+             for key in dict.fromkeys(k for c in configs for k in c)}
+    return {"config_index": tune.grid_search(list(range(len(configs)))),
+            "seed_index": tune.grid_search(list(range(plan.spec.sweep.seeds))), **shown}
 
 
 def _tune_config(plan: SweepPlan):
     s = plan.spec.sweep
     if s.scheduler.type == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=plan.max_epochs,
+        # the clock is `progress` (epochs done, fractional): rungs can fall inside an epoch, at any report
+        scheduler = ASHAScheduler(time_attr="progress", max_t=plan.max_epochs,
                                   grace_period=s.scheduler.grace_period, reduction_factor=s.scheduler.reduction_factor)
     else:
         scheduler = FIFOScheduler()

@@ -27,6 +27,7 @@ from pipelines.reporting.lr_plot import lr_schedule_figure
 from pipelines.reporting.plan_view import render_plan
 from pipelines.tracking import MlflowRun
 from pipelines.training import checkpoints
+from strategies.plan import stage_steps
 
 log = logging.getLogger("freezetune.train")
 
@@ -50,7 +51,8 @@ def log_run_start(prep: Prepared, run: MlflowRun) -> None:
         if source:  # without data.eval the eval set is split off train: one dataset
             run.log_dataset(source, name=os.path.basename(source), context=context, records=records)
     fig = lr_schedule_figure(s["param_groups"], prep.steps_per_epoch, cfg.train.epochs, cfg.train.schedule,
-                             s.get("stages"), title=f"LR schedule: {s['strategy']} on {cfg.model}")
+                             s.get("stages"), title=f"LR schedule: {s['strategy']} on {cfg.model}",
+                             stage_steps=stage_steps(cfg.strategy.thaw_every, prep.steps_per_epoch * cfg.train.epochs))
     run.log_figure(fig, "plots/lr_schedule.png")
     plt.close(fig)
 

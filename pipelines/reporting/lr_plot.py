@@ -11,8 +11,10 @@ from strategies import ScheduleConfig, lr_multiplier  # noqa: E402
 
 
 def lr_schedule_figure(groups: list[dict], steps_per_epoch: int, epochs: int, schedule: ScheduleConfig,
-                       stages: list[dict] | None = None, title: str = "Learning rate per param group"):
-    """Each group's LR over the whole run; dotted lines at epoch boundaries, marks where blocks thaw."""
+                       stages: list[dict] | None = None, title: str = "Learning rate per param group",
+                       stage_steps: int | None = None):
+    """Each group's LR over the whole run; dotted lines at epoch boundaries, marks where blocks thaw (a stage
+    is an epoch, or ``stage_steps`` optimizer steps: ``strategy.thaw_every``)."""
     total = max(steps_per_epoch * epochs, 1)
     steps = list(range(total))
     mult = [lr_multiplier(s, total, schedule) for s in steps]
@@ -28,9 +30,10 @@ def lr_schedule_figure(groups: list[dict], steps_per_epoch: int, epochs: int, sc
     for e in range(1, epochs):
         ax.axvline(e * steps_per_epoch, color="grey", linestyle=":", linewidth=0.8)
     for st in stages or []:
-        if st["epoch"] > 1 and st["epoch"] <= epochs:
-            ax.axvline((st["epoch"] - 1) * steps_per_epoch, color="tab:red", linestyle="--", linewidth=1)
-            ax.annotate(f"thaw → block {st['lowest_language_block']}", ((st["epoch"] - 1) * steps_per_epoch, ax.get_ylim()[1]),
+        at = (st["epoch"] - 1) * (stage_steps or steps_per_epoch)
+        if st["epoch"] > 1 and at < total:
+            ax.axvline(at, color="tab:red", linestyle="--", linewidth=1)
+            ax.annotate(f"thaw → block {st['lowest_language_block']}", (at, ax.get_ylim()[1]),
                         rotation=90, va="top", ha="right", fontsize=8, color="tab:red")
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")

@@ -65,8 +65,9 @@ def render_plan(s: dict) -> str:
                               [[g["name"], g["lr"], g["weight_decay"], g["params"]] for g in s["param_groups"]]))
     if s["stages"]:
         lines.append("")
-        lines.append(format_table(["from epoch", "lowest language block", "trainable"],
-                                  [[st["epoch"], st["lowest_language_block"], st["trainable_params"]] for st in s["stages"]],
+        lines.append(format_table(["stage", "starts at", "lowest language block", "trainable"],
+                                  [[st["epoch"], st["starts"], st["lowest_language_block"], st["trainable_params"]]
+                                   for st in s["stages"]],
                                   title="progressive unfreezing stages (one optimizer, one schedule for the whole run):"))
     m = s["memory"]
     lines.append("")

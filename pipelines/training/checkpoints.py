@@ -33,7 +33,10 @@ def trainable_state(plan) -> dict[str, torch.Tensor]:
     return {n: params[n].detach().to("cpu").contiguous() for n in plan.ever_trainable_names}
 
 
-def save(directory, plan, optimizer, scheduler, scaler, epoch: int, step: int, metrics: dict | None = None) -> None:
+def save(directory, plan, optimizer, scheduler, scaler, epoch: int, step: int, metrics: dict | None = None,
+         position: dict | None = None) -> None:
+    """``position``: where in the epoch (``stage``, ``epoch_complete``, ``batches_done``, the epoch's ``tally``
+    so far); the default is the end of ``epoch``."""
     directory = Path(directory)
     save_file(trainable_state(plan), str(directory / WEIGHTS))
     torch.save(
@@ -47,7 +50,7 @@ def save(directory, plan, optimizer, scheduler, scaler, epoch: int, step: int, m
         directory / STATE,
     )
     (directory / META).write_text(json.dumps({"epoch": epoch, "step": step, "strategy": plan.strategy.name,
-                                              "metrics": metrics or {}}))
+                                              "metrics": metrics or {}, **(position or {})}))
 
 
 def load(directory, model, optimizer, scheduler, scaler) -> dict:
@@ -85,7 +88,7 @@ def _sharded_state(plan, optimizer) -> dict:
 
 
 def save_sharded(directory, plan, optimizer, scheduler, scaler, rank: int, epoch: int, step: int,
-                 metrics: dict | None = None) -> None:
+                 metrics: dict | None = None, position: dict | None = None) -> None:
     import torch.distributed.checkpoint as dcp
 
     directory = Path(directory)
@@ -94,7 +97,7 @@ def save_sharded(directory, plan, optimizer, scheduler, scaler, rank: int, epoch
         torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, directory / STATE)
         (directory / META).write_text(json.dumps({"epoch": epoch, "step": step, "strategy": plan.strategy.name,
-                                                  "metrics": metrics or {}, "sharded": True}))
+                                                  "metrics": metrics or {}, "sharded": True, **(position or {})}))
 
 
 def is_sharded_checkpoint(directory) -> bool:
@@ -112,7 +115,7 @@ def load_sharded(directory, plan, optimizer, scheduler, scaler) -> dict:
 
     directory = Path(directory)
     meta = json.loads((directory / META).read_text())
-    plan.apply(meta["epoch"])
+    plan.apply(meta.get("stage") or meta["epoch"])
     state = _sharded_state(plan, optimizer)
     # trainable tensors that never got a gradient have no saved state (AdamW made none): allow that
     dcp.load(state, checkpoint_id=str(directory / SHARDS),

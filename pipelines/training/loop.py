@@ -32,16 +32,18 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from pipelines.config.run import RunConfig
+from pipelines.config.run import DEFAULT_REPORT_EVERY, RunConfig
 from pipelines.data.dataset import collate, load_datasets, shard
+from pipelines.data.packing import attention_implementation, packed_shard
 from pipelines.models.loading import load_model, load_processor, meta_model
 from pipelines.training import checkpoints, sharding
+from pipelines.training.progress import ProgressBar, Tally
 from pipelines.training.precision import LOAD_DTYPES, apply_precision_policy, held_bytes
 from pipelines.training.recompute import enable_activation_checkpointing
 from pipelines.training.step import (correct_predictions, forward, is_classification, labelled_tokens, summed_loss,
                                      train_step)
 from strategies.memory import human_bytes
-from strategies.plan import Plan, build_plan
+from strategies.plan import Plan, build_plan, stage_steps
 from strategies.schedules import build_scheduler
 
 log = logging.getLogger("freezetune.loop")
@@ -61,11 +63,6 @@ class WorkerEnv:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def windows(batches: list[dict], accum: int) -> list[list[dict]]:
-    """Accumulation windows; the last one may be shorter and still steps."""
-    return [batches[i : i + accum] for i in range(0, len(batches), accum)]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -88,13 +85,6 @@ def _all_reduce_max(value: float, env: WorkerEnv) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
-
-
-def _batches(dataset, batch_size: int, pad_id: int, epoch_seed: int | None) -> list[dict]:
-    order = list(range(len(dataset)))
-    if epoch_seed is not None:
-        random.Random(epoch_seed).shuffle(order)
-    return [collate([dataset[i] for i in order[j : j + batch_size]], pad_id) for j in range(0, len(order), batch_size)]
 
 
 def build_model(cfg: RunConfig, model_path: str, on_meta: bool = False) -> Plan:
@@ -169,7 +159,11 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_set, eval_set = load_datasets(cfg.data, processor, seed=cfg.seed, loss_on=cfg.train.loss_on)
-    train_shard = shard(train_set, env.rank, env.world_size)
+    if t.packing:  # rows of several examples; every rank packs the whole set alike, then takes its rows
+        attention_implementation(model, cfg.data.max_length)  # refuses attention that cannot take the mask
+        train_shard = packed_shard(train_set, cfg.data.max_length, env.rank, env.world_size)
+    else:
+        train_shard = shard(train_set, env.rank, env.world_size)
     eval_shard = eval_part(eval_set, env.rank, env.world_size)
     classifier = is_classification(train_set[0]["labels"], batched=False)  # reports eval_accuracy too
     first_batch = collate(train_shard[: t.batch_size], pad_id)
@@ -182,6 +176,8 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
 
     steps_per_epoch = math.ceil(math.ceil(len(train_shard) / t.batch_size) / t.grad_accum)
     total_steps = steps_per_epoch * t.epochs
+    report_every = t.report_every or DEFAULT_REPORT_EVERY
+    steps_per_stage = stage_steps(cfg.strategy.thaw_every, total_steps)  # None: a thaw stage per epoch
     optimizer = torch.optim.AdamW(plan.param_groups(), betas=tuple(t.adam_betas), eps=t.adam_eps)
     scheduler = build_scheduler(optimizer, total_steps, t.schedule)
     scaler = _grad_scaler(env.device, enabled=t.precision == "fp16", sharded=sharded)
@@ -190,7 +186,8 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
     trains_vision = any(plan.parts.part_of(n) == "vision" for n in plan.ever_trainable_names)
     find_unused = t.find_unused_parameters if t.find_unused_parameters is not None else trains_vision
 
-    start_epoch, step = 1, 0
+    # where training starts: the first batch of epoch 1, or the batch after a checkpoint's (mid-epoch too)
+    start_epoch, step, skip_batches, epoch_tally = 1, 0, 0, Tally()
     if env.resume_dir:
         if checkpoints.is_sharded_checkpoint(env.resume_dir) != sharded:
             raise ValueError(f"checkpoint {env.resume_dir} was written {'un' if sharded else ''}sharded and this run "
@@ -198,8 +195,14 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
                              "num_workers it was written with")
         state = (checkpoints.load_sharded(env.resume_dir, plan, optimizer, scheduler, scaler) if sharded else
                  checkpoints.load(env.resume_dir, model, optimizer, scheduler, scaler))
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        log.info("rank %d: resumed from %s at epoch %d (optimizer step %d)", env.rank, env.resume_dir, start_epoch, step)
+        step = state["step"]
+        if state.get("epoch_complete", True):
+            start_epoch = state["epoch"] + 1
+        else:  # inside an epoch: the same epoch, from the batch after the checkpoint's, with its sums so far
+            start_epoch, skip_batches = state["epoch"], state["batches_done"]
+            epoch_tally = Tally.from_dict(state.get("tally"))
+        log.info("rank %d: resumed from %s at epoch %d, batch %d (optimizer step %d)", env.rank, env.resume_dir,
+                 start_epoch, skip_batches, step)
 
         if start_epoch > t.epochs:
             # the run had finished before it was interrupted: say so again, so Tune gets the final result
@@ -208,27 +211,49 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
     if on_setup is not None:
         on_setup(plan, optimizer)
 
-    ddp_model, wrapped_for, warned = None, None, False
-    for epoch in range(start_epoch, t.epochs + 1):
-        # --- thaw for this epoch; DDP registers its hooks on the trainable set, so re-wrap when it changes
-        plan.apply(epoch)
+    progress = ProgressBar(total_steps, step, enabled=t.progress_bar and env.rank == 0)
+    ddp_model, wrapped_for, stage, warned = None, None, None, False
+
+    def thaw(epoch: int) -> tuple:
+        """The stage for this step (progressive: the thawed blocks); DDP registers its hooks on the trainable
+        set, so re-wrap when it changes. Returns (the model to step, its trainable parameters)."""
+        nonlocal ddp_model, wrapped_for, stage
+        wanted = epoch if steps_per_stage is None else 1 + step // steps_per_stage
+        if wanted != stage:
+            plan.apply(wanted)
+            stage = wanted
         trainable = [p for p in model.parameters() if p.requires_grad]
         trainable_ids = frozenset(id(p) for p in trainable)
         if env.world_size > 1 and not sharded and trainable_ids != wrapped_for:
             ddp_model = DistributedDataParallel(model, find_unused_parameters=find_unused,
                                                 device_ids=[env.device.index] if env.device.type == "cuda" else None)
             wrapped_for = trainable_ids
-        net = ddp_model if env.world_size > 1 and not sharded else model
+        return (ddp_model if env.world_size > 1 and not sharded else model), trainable
 
-        # --- train ------------------------------------------------------------
+    def eval_totals(max_batches: int | None) -> EvalTotals:
+        nonlocal warned
+        totals = evaluate(model, eval_shard, t.batch_size, pad_id, t.precision, env, max_batches,
+                          filler=first_batch if sharded else None)
+        if not totals.terms and env.rank == 0 and not warned:
+            # NaN, never 0: a 0 would be a perfect score that ASHA keeps and `compare` ranks first
+            log.warning("no eval data: %s; eval_loss is NaN and a sweep will not rank this run",
+                        _no_eval_reason(cfg, totals))
+            warned = True
+        return totals
+
+    last_saved = step
+    for epoch in range(start_epoch, t.epochs + 1):
         model.train()
-        started = time.perf_counter()
-        batches = _batches(train_shard, t.batch_size, pad_id, epoch_seed=cfg.seed * 1000 + epoch)
-        loss_sum = tokens = seen_tokens = 0.0
-        skipped = grads_bytes = 0
-        norms = []
-        unused = (0, 0)  # trainable (elements, tensors) that got no gradient: no grad buffer, no AdamW state
-        for window in windows(batches, t.grad_accum):
+        skip = skip_batches if epoch == start_epoch else 0
+        tally = epoch_tally if epoch == start_epoch else Tally()
+        since_report = Tally()
+        order = epoch_order(len(train_shard), cfg.seed * 1000 + epoch)
+        n_batches = math.ceil(len(order) / t.batch_size)
+        for first in range(skip, n_batches, t.grad_accum):  # one optimizer step per accumulation window
+            net, trainable = thaw(epoch)
+            window = [collate([train_shard[i] for i in order[b * t.batch_size:(b + 1) * t.batch_size]], pad_id)
+                      for b in range(first, min(first + t.grad_accum, n_batches))]
+            started = time.perf_counter()
             try:
                 done = train_step(net, window, optimizer, trainable=trainable, device=env.device,
                                   precision=t.precision, max_grad_norm=t.max_grad_norm, scheduler=scheduler,
@@ -237,71 +262,97 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
                 raise FloatingPointError(
                     f"epoch {epoch}, optimizer step {step}: {err}; lower the learning rate "
                     f"(strategy.lr = {cfg.strategy.lr}) or check the data. Training stopped.") from None
-            loss_sum += done.loss_sum
-            tokens += done.loss_tokens
-            seen_tokens += done.input_tokens
-            skipped += done.skipped
-            grads_bytes = max(grads_bytes, done.grads_bytes)
-            norms.append(done.grad_norm)
-            unused = max(unused, (done.no_grad_elements, done.no_grad_tensors))
+            seconds = time.perf_counter() - started
+            tally.add(done, seconds)
+            since_report.add(done, seconds)
             step += 1
-        seconds = time.perf_counter() - started
-        loss_sum, tokens, seen_tokens = _all_reduce_sum([loss_sum, tokens, seen_tokens], env)
-        train_loss = loss_sum / max(tokens, 1)
+            progress.step(done.loss_sum / max(done.loss_tokens, 1), epoch)
+            batches_done = first + len(window)
+            epoch_end = batches_done >= n_batches
+            if not epoch_end and step % report_every:
+                continue
 
-        # --- eval ---------------------------------------------------------------
-        totals = evaluate(model, eval_shard, t.batch_size, pad_id, t.precision, env, t.eval_max_batches,
-                          filler=first_batch if sharded else None)
-        if not totals.terms and env.rank == 0 and not warned:
-            # NaN, never 0: a 0 would be a perfect score that ASHA keeps and `compare` ranks first
-            log.warning("no eval data: %s; eval_loss is NaN and a sweep will not rank this run",
-                        _no_eval_reason(cfg, totals))
-            warned = True
+            # --- a report: inside the epoch, a bounded eval; at its end, the full eval and the epoch's sums
+            interval = _summed(since_report, env)
+            whole = _summed(tally, env) if epoch_end else interval
+            cap = t.eval_max_batches if epoch_end else min(t.report_eval_batches, t.eval_max_batches or math.inf)
+            totals = eval_totals(cap)
+            model.train()
+            metrics = {
+                "epoch": epoch,
+                "progress": step / steps_per_epoch,  # epochs done, fractional: ASHA's clock
+                "epoch_end": int(epoch_end),
+                "optimizer_steps": step,
+                "train_loss": whole["train_loss"],
+                **totals.metrics(classifier),
+                "trainable_params": sum(p.numel() for p in trainable),
+                "total_params": sum(p.numel() for p in model.parameters()),
+                "tokens_per_s": whole["tokens_per_s"],
+                "peak_memory_mb": peak_memory_mb(env.device),
+                "grad_norm": (tally if epoch_end else since_report).grad_norm,
+                # what this rank holds, counted from its tensors (the plan predicts the same three)
+                **{f"memory/{k}": v for k, v in held_bytes(model, optimizer).items()},
+                "memory/grads_bytes": tally.grads_bytes,
+                "memory/shards": env.world_size if sharded else 1,
+                "memory/trainable_without_grad": tally.unused[0],
+                "memory/trainable_tensors_without_grad": tally.unused[1],
+                # the step axis: what happened since the last report (MLflow logs these at the optimizer step)
+                "step/train_loss": interval["train_loss"],
+                "step/tokens_per_s": interval["tokens_per_s"],
+                "step/grad_norm": since_report.grad_norm,
+                **{f"step/{k}": v for k, v in totals.metrics(classifier).items()},
+            }
+            if epoch_end:
+                metrics["epoch_seconds"] = tally.seconds
+            for group in optimizer.param_groups:
+                metrics[f"lr/{group['name']}"] = metrics[f"step/lr/{group['name']}"] = group["lr"]
+            if tally.unused[0] and epoch == start_epoch and epoch_end:
+                log.warning("epoch %d: %d trainable parameters (%d tensors) got no gradient: the model does not use "
+                            "them for this loss (e.g. vision layers above the feature layer); they are not updated",
+                            epoch, *tally.unused)
+            if scaler.is_enabled():
+                metrics["amp_skipped_steps"] = tally.skipped
+                if tally.skipped and epoch_end:
+                    log.warning("epoch %d: the fp16 GradScaler skipped %d of %d steps (inf/nan gradients)",
+                                epoch, tally.skipped, steps_per_epoch)
+            since_report = Tally()
 
-        metrics = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            **totals.metrics(classifier),
-            "trainable_params": sum(p.numel() for p in trainable),
-            "total_params": sum(p.numel() for p in model.parameters()),
-            "tokens_per_s": seen_tokens / seconds if seconds > 0 else 0.0,
-            "epoch_seconds": seconds,
-            "peak_memory_mb": peak_memory_mb(env.device),
-            "optimizer_steps": step,
-            "grad_norm": sum(norms) / len(norms) if norms else float("nan"),
-            # what this rank holds, counted from its tensors (the plan predicts the same three)
-            **{f"memory/{k}": v for k, v in held_bytes(model, optimizer).items()},
-            "memory/grads_bytes": grads_bytes,
-            "memory/shards": env.world_size if sharded else 1,
-            "memory/trainable_without_grad": unused[0],
-            "memory/trainable_tensors_without_grad": unused[1],
-        }
-        if unused[0] and epoch == start_epoch:
-            log.warning("epoch %d: %d trainable parameters (%d tensors) got no gradient: the model does not use "
-                        "them for this loss (e.g. vision layers above the feature layer); they are not updated",
-                        epoch, *unused)
-        if scaler.is_enabled():
-            metrics["amp_skipped_steps"] = skipped
-            if skipped:
-                log.warning("epoch %d: the fp16 GradScaler skipped %d of %d steps (inf/nan gradients)",
-                            epoch, skipped, steps_per_epoch)
-        for group in optimizer.param_groups:
-            metrics[f"lr/{group['name']}"] = group["lr"]
+            # --- checkpoint (rank 0 writes, or every rank its shards; every rank reports: report is a barrier):
+            # every epoch end; inside an epoch, the first report on or after each multiple of save_every
+            save = epoch_end or (t.save_every is not None and step // t.save_every > last_saved // t.save_every)
+            position = {"stage": stage, "epoch_complete": epoch_end, "batches_done": 0 if epoch_end else batches_done,
+                        "tally": None if epoch_end else tally.to_dict()}
+            final = epoch_end and epoch == t.epochs
+            with tempfile.TemporaryDirectory(prefix="freezetune-ckpt-") as tmp:
+                ckpt_dir = None
+                if save and sharded:
+                    checkpoints.save_sharded(tmp, plan, optimizer, scheduler, scaler, env.rank, epoch=epoch,
+                                             step=step, metrics=metrics, position=position)
+                    ckpt_dir = tmp
+                elif save and env.rank == 0:
+                    checkpoints.save(tmp, plan, optimizer, scheduler, scaler, epoch=epoch, step=step,
+                                     metrics=metrics, position=position)
+                    ckpt_dir = tmp
+                if save:
+                    last_saved = step
+                if final and t.save != "none":
+                    _save_final_model(Path(tmp) / "final_model", cfg, model_path, plan, processor, env, sharded)
+                report(metrics, ckpt_dir)
+    progress.close()
 
-        # --- checkpoint (rank 0 writes, or every rank its shards; every rank reports: report is a barrier)
-        final = epoch == t.epochs
-        with tempfile.TemporaryDirectory(prefix="freezetune-ckpt-") as tmp:
-            ckpt_dir = None
-            if sharded:
-                checkpoints.save_sharded(tmp, plan, optimizer, scheduler, scaler, env.rank, epoch=epoch, step=step,
-                                         metrics=metrics)
-                ckpt_dir = tmp
-            elif env.rank == 0:
-                checkpoints.save(tmp, plan, optimizer, scheduler, scaler, epoch=epoch, step=step, metrics=metrics)
-                ckpt_dir = tmp
-            if final and t.save != "none":
-                _save_final_model(Path(tmp) / "final_model", cfg, model_path, plan, processor, env, sharded)
-            report(metrics, ckpt_dir)
+
+def epoch_order(n: int, seed: int) -> list[int]:
+    """The epoch's example order: a seeded shuffle, the same on every run (a resumed one skips a prefix)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def _summed(tally: Tally, env: WorkerEnv) -> dict[str, float]:
+    """train_loss and tokens/s of ``tally`` over all workers (tokens of every worker per second of this one's)."""
+    loss_sum, tokens, seen = _all_reduce_sum([tally.loss_sum, tally.tokens, tally.seen_tokens], env)
+    return {"train_loss": loss_sum / max(tokens, 1),
+            "tokens_per_s": seen / tally.seconds if tally.seconds > 0 else 0.0}
 
 
 def _grad_scaler(device: torch.device, enabled: bool, sharded: bool):
@@ -370,12 +421,14 @@ def evaluate(model, dataset, batch_size: int, pad_id: int, precision: str, env: 
     batch) and a rank with fewer eval batches runs it, unscored, until the rank with the most is done."""
     model.eval()
     loss_sum = terms = correct = examples = 0.0
-    batches = _batches(dataset, batch_size, pad_id, epoch_seed=None)[:max_batches]
+    n_batches = math.ceil(len(dataset) / batch_size)
+    n_batches = n_batches if max_batches is None else min(n_batches, max_batches)
     if filler is not None:
-        most = int(_all_reduce_max(len(batches), env))
-        for _ in range(most - len(batches)):
+        most = int(_all_reduce_max(n_batches, env))
+        for _ in range(most - n_batches):
             forward(model, filler, precision, env.device)
-    for batch in batches:
+    for b in range(n_batches):  # collated one at a time: never the whole eval set at once
+        batch = collate([dataset[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(dataset)))], pad_id)
         logits, labels = forward(model, batch, precision, env.device)
         loss_sum += float(summed_loss(logits, labels))
         terms += labelled_tokens(batch)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.data.dataset import IGNORE_INDEX, count_tokens
+from pipelines.data.packing import attention_implementation, packed_batch
 from pipelines.training.precision import grad_bytes
 from strategies.memory import LOSS_CHUNK_ELEMENTS
 
@@ -176,8 +177,11 @@ def autocast(precision: str, device: torch.device):
 def forward(model, batch: dict, precision: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of one batch, moved to ``device`` and run under ``precision``'s autocast."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "position_ids" in inputs:  # packed rows (train.packing): a block-diagonal causal mask, no cross-attention
+        inputs = packed_batch(inputs, attention_implementation(model))
     with autocast(precision, device):
-        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"]
+        return model(**inputs).logits, batch["labels"]
 
 
 def forward_loss(model, batch: dict, precision: str, device: torch.device) -> torch.Tensor:

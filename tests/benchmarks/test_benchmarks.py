@@ -39,6 +39,9 @@ REQUIRED = {
     "loss_memory.same_result": "yes",
     "sharding.memory_ratio": "≤ 0.55×",
     "sharding.step_time_ratio": "—",
+    "packing.tokens_per_s_ratio": "≥ 1.3×",
+    "packing.same_loss": "yes",
+    "data_memory.peak_ratio": "≤ 1.1×",
 }
 KEYS = {"id", "benchmark", "label", "value", "unit", "target", "verdict", "how", "repeats", "note", "check", "details"}
 
@@ -59,7 +62,7 @@ def test_quick_run_writes_json_and_markdown(quick_run):
     md = (out / "bench.md").read_text()
     assert doc["mode"] == "quick"
     assert set(doc["benchmarks"]) == {"ray_overhead", "freeze", "trial_cost", "early_stopping", "data_cache", "gpu",
-                                      "loss_memory", "sharding"}
+                                      "loss_memory", "sharding", "packing", "data_memory"}
     assert all(v["status"] == "ok" for v in doc["benchmarks"].values()), doc["benchmarks"]
     for key in ("cpu", "logical_cpus", "torch", "ray", "transformers"):
         assert doc["machine"][key], key

@@ -90,20 +90,24 @@ def _space(workdir: Path, demo_files: dict, model_dir: str, tag: str, **sweep) -
 def test_asha_stops_a_trial_with_an_absurd_lr(ray_session, workdir, demo_files, model_dirs):
     from pipelines.jobs.sweep import run_sweep
 
+    # 8 optimizer steps an epoch, a report every 2: ASHA's first rung is a quarter epoch in (step 2)
     space = _space(workdir, demo_files, model_dirs["tiny-llava"], "asha",
-                   scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
-    _order_seed(space, [3e-3, 1e-9])  # the good trial first, so the rung at epoch 1 has a bar to compare with
+                   scheduler={"type": "asha", "grace_period": 0.25, "reduction_factor": 2})
+    space["base"]["train"]["report_every"] = 2
+    _order_seed(space, [3e-3, 1e-9])  # the good trial first, so the first rung has a bar to compare with
     path = workdir / "asha.yaml"
     path.write_text(yaml.safe_dump(space))
     result = run_sweep(path)
     uri = space["base"]["mlflow"]["tracking_uri"]
     by_lr = {float(r.data.params["strategy.lr"]): r for r in children_of(uri, result["parent_run_id"])}
     good, bad = by_lr[3e-3], by_lr[1e-9]
+    steps = lambda run, key: [s for s, _ in tracking.metric_history(uri, run.info.run_id, key)]  # noqa: E731
     assert good.data.tags["outcome"] == "finished"
-    assert len(tracking.metric_history(uri, good.info.run_id, "eval_loss")) == 3
+    assert steps(good, "eval_loss") == [1, 2, 3]  # the epoch axis: full evals at epoch ends
+    assert steps(good, "step/train_loss") == list(range(2, 25, 2))  # the step axis: every report
     assert bad.data.tags["outcome"] == "stopped_early", bad.data.tags
-    assert "stopped by the scheduler after epoch 1" in bad.data.tags["stop_reason"]
-    assert len(tracking.metric_history(uri, bad.info.run_id, "eval_loss")) == 1
+    assert "stopped by the scheduler at 0.25 epochs (optimizer step 2)" in bad.data.tags["stop_reason"]
+    assert steps(bad, "step/eval_loss") == [2] and steps(bad, "eval_loss") == []  # stopped inside epoch 1
     assert result["rows"][0]["run_id"] == good.info.run_id
 
 

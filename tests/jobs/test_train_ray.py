@@ -40,7 +40,9 @@ def test_two_worker_run_learns_and_is_logged(ray_session, workdir, demo_files, m
     from pipelines.jobs.train import run_training
 
     root = workdir / f"run-{strategy['name']}"
-    cfg = run_config_from_dict(vlm_config(root, demo_files, model_dirs["tiny-llava"], strategy))
+    config = vlm_config(root, demo_files, model_dirs["tiny-llava"], strategy)
+    config["train"]["report_every"] = 2  # 4 optimizer steps an epoch (64 records, 2 workers x 8): mid-epoch reports
+    cfg = run_config_from_dict(config)
     result = run_training(cfg)
     uri, run_id = cfg.tracking_uri, result["run_id"]
     run = tracking.client(uri).get_run(run_id)
@@ -51,6 +53,10 @@ def test_two_worker_run_learns_and_is_logged(ray_session, workdir, demo_files, m
     assert eval_curve[-1][1] < eval_curve[0][1], eval_curve  # it learns
     for key in ("train_loss", "tokens_per_s", "epoch_seconds", "peak_memory_mb", "trainable_params"):
         assert len(tracking.metric_history(uri, run_id, key)) == 3, key
+    # the step axis: every report, at its optimizer step (mid-epoch ones on the bounded eval subset)
+    for key in ("step/train_loss", "step/eval_loss", "step/grad_norm", "step/tokens_per_s"):
+        assert [s for s, _ in tracking.metric_history(uri, run_id, key)] == [2, 4, 6, 8, 10, 12], key
+    assert dict(tracking.metric_history(uri, run_id, "step/eval_loss"))[12] == eval_curve[-1][1]  # the full eval
     assert any(k.startswith("lr/") for k in run.data.metrics)
     assert "pid" not in run.data.metrics and "timestamp" not in run.data.metrics
     assert run.data.params["strategy.name"] == strategy["name"]

@@ -5,6 +5,7 @@ Real tiny models loaded with from_pretrained, real data files, real optimizer.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -178,3 +179,56 @@ def test_auto_parallel_shards_only_what_does_not_fit_the_gpu(tmp_path, demo_file
     assert choose_parallel(cfg, plan, WorkerEnv(), device_bytes=need // 2) == "ddp"  # one worker
     cfg.resources.parallel = "fsdp"
     assert choose_parallel(cfg, plan, two, device_bytes=need * 2) == "fsdp"
+
+
+@pytest.mark.parametrize("stop_at_step", [3, 6])
+def test_killed_mid_epoch_resumes_at_next_batch_with_same_final_weights(tmp_path, demo_files, model_dirs,
+                                                                         stop_at_step):
+    """Reports and checkpoints every 3 optimizer steps inside 8-step epochs, a thaw every 5 steps (so stage 2
+    starts inside epoch 1): a run stopped after the checkpoint of step 3 (before the first thaw) or 6 (after
+    it) and resumed from it ends on the uninterrupted run's weights, reports and step count."""
+    cfg = make_cfg(tmp_path, demo_files, {"name": "progressive", "layers_per_epoch": 1, "thaw_every": 5,
+                                          "lr": 1e-3}, batch_size=4, grad_accum=2, report_every=3, save_every=3)
+    model_dir = model_dirs["tiny-llama"]
+
+    def trained(resume_dir=None, stop=None, keep=None):
+        seen, reports = {}, []
+
+        def report(metrics, ckpt_dir):
+            reports.append(metrics)
+            if ckpt_dir and keep is not None:
+                shutil.copytree(ckpt_dir, keep / f"step{metrics['optimizer_steps']}")
+            if metrics["optimizer_steps"] == stop:
+                raise KeyboardInterrupt("simulated kill")
+
+        try:
+            run_loop(cfg, model_dir, WorkerEnv(resume_dir=resume_dir), report,
+                     on_setup=lambda plan, opt: seen.update(plan=plan))
+        except KeyboardInterrupt:
+            pass
+        weights = {n: p.detach().clone() for n, p in seen["plan"].model.named_parameters()}
+        return weights, reports
+
+    full_weights, full = trained()
+    # reports: every 3 steps and at each epoch's end (steps 8 and 16), epochs ending on the full eval
+    assert [r["optimizer_steps"] for r in full] == [3, 6, 8, 9, 12, 15, 16]
+    assert [r["epoch_end"] for r in full] == [0, 0, 1, 0, 0, 0, 1]
+    assert [r["progress"] for r in full] == [3 / 8, 6 / 8, 1, 9 / 8, 12 / 8, 15 / 8, 2]
+    assert full[0]["trainable_params"] < full[1]["trainable_params"]  # the thaw at step 5, inside epoch 1
+
+    keep = tmp_path / "ckpts"
+    keep.mkdir()
+    _, first = trained(stop=stop_at_step, keep=keep)
+    assert first[-1]["optimizer_steps"] == stop_at_step
+    meta = json.loads((keep / f"step{stop_at_step}" / "meta.json").read_text())
+    assert (meta["epoch"], meta["epoch_complete"], meta["batches_done"]) == (1, False, 2 * stop_at_step)
+    resumed_weights, resumed = trained(resume_dir=str(keep / f"step{stop_at_step}"))
+
+    later = [r for r in full if r["optimizer_steps"] > stop_at_step]
+    assert [r["optimizer_steps"] for r in resumed] == [r["optimizer_steps"] for r in later]
+    for got, want in zip(resumed, later):  # epoch 1's mean loss counts the batches before the kill too
+        for key in ("train_loss", "eval_loss", "step/train_loss", "lr/language", "trainable_params"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6), (got["optimizer_steps"], key)
+    assert resumed_weights.keys() == full_weights.keys()
+    for name, weight in full_weights.items():
+        torch.testing.assert_close(resumed_weights[name], weight, rtol=1e-6, atol=1e-7, msg=name)
