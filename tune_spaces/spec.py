@@ -164,9 +164,17 @@ class SweepSettings:
     resources: Resources = setting(Resources(), "per-trial resources: merged over `base.resources`, the same keys")
     register_as: str | None = setting(None, "register the best trial's logged model (train.log_model) in the MLflow "
                                             "Model Registry under this name (a new version per sweep)")
+    gpu_memory_gb: float | None = setting(None, "memory of the GPUs trials run on (GB): each trial is then sized from "
+                                                "its plan (GPU share, workers, ddp or fsdp) instead of taking "
+                                                "`resources` as written; `--dry-run` prints the sizes")
+    max_workers_per_trial: int = setting(8, "with gpu_memory_gb: the most GPUs a trial may shard over (fsdp)")
 
     def validate(self, where: str) -> None:
-        for key in ("num_samples", "seeds", "max_concurrent_trials"):
+        gpu = self.gpu_memory_gb
+        if gpu is not None and (not _is_number(gpu) or not math.isfinite(gpu) or gpu <= 0):
+            raise SpaceError(f"{where}.gpu_memory_gb = {gpu!r}: give the GPU memory in GB (e.g. 80 for an H100), or "
+                             "leave it unset to give every trial `resources` as written.")
+        for key in ("num_samples", "seeds", "max_concurrent_trials", "max_workers_per_trial"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SpaceError(f"{where}.{key} = {value!r}: must be an integer >= 1.")

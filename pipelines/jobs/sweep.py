@@ -31,8 +31,10 @@ from pipelines.jobs import ray_env
 from pipelines.jobs.callbacks import SweepMlflowCallback
 from pipelines.jobs.importance import trial_importance
 from pipelines.jobs.preflight import check_cluster_reach, fresh_name, prepare
-from pipelines.jobs.sweep_plan import SWEEP_KEY_TAG, SweepPlan, build_sweep_plan, describe, trial_config, trial_settings
+from pipelines.jobs.sweep_plan import (SWEEP_KEY_TAG, SweepPlan, build_sweep_plan, describe, sized_config, trial_config,
+                                       trial_settings)
 from pipelines.jobs.trainer import make_trainer
+from pipelines.jobs.trial_sizing import apply_size
 from pipelines.reporting.mlflow_reader import collect
 from pipelines.reporting.render import render_text
 from pipelines.tracking import MlflowRun
@@ -47,8 +49,8 @@ TRIAL_DRIVER = {"CPU": 0.05, ray_env.HEAD_RESOURCE: 0.001}
 def run_trial(config: dict, plan: SweepPlan, model_path: str, trials_storage: str) -> None:
     """One Tune trial = one TorchTrainer, named after the trial so a restarted trial finds its checkpoints."""
     overrides, seed_index = trial_settings(config, plan.configs)
-    cfg = trial_config(plan, overrides, seed_index)
     trial_id = tune.get_context().get_trial_id()
+    cfg = sized_config(plan, trial_config(plan, overrides, seed_index), config.get("config_index"), model_path, trial_id)
     # importance files are local files (pipelines.jobs.importance): with a URI storage, under the local runs folder
     local_trials = (trials_storage if not is_uri(trials_storage) else
                     os.path.join(storage_root(), *storage_fs.filesystem(trials_storage)[1].split("/")[-2:]))
@@ -90,7 +92,11 @@ def run_sweep(path: str | Path, address: str | None = None, resume: bool = False
 
     ray_env.connect(address)
     ray_env.leave_job_working_dir(storage if not is_uri(storage) else storage_root())  # a local folder to work in
-    ray_env.check_capacity(spec.sweep.resources.num_workers, base.resources.per_worker(), head_reserved=TRIAL_DRIVER)
+    shapes = {(base.resources.num_workers, tuple(base.resources.per_worker().items()))}
+    if plan.sizes:  # each sized trial must fit the cluster (or a node type it can scale to)
+        shapes = {(z.workers, tuple(apply_size(base, z).resources.per_worker().items())) for z in plan.sizes}
+    for workers, per_worker in sorted(shapes):
+        ray_env.check_capacity(workers, dict(per_worker), head_reserved=TRIAL_DRIVER)
     check_cluster_reach(base, prep.model_path)
 
     parent = MlflowRun.start_or_resume(uri, base.mlflow.experiment, name, SWEEP_KEY_TAG, sweep_dir, resume=resume,

@@ -26,6 +26,7 @@ from pipelines.config.metrics import CLASSIFIER_ONLY
 from pipelines.config.run import RunConfig, run_config_from_dict
 from pipelines.jobs.importance import apply_importance
 from pipelines.jobs.sources import resolve_data_sources, skeleton_plan, skeleton_source
+from pipelines.jobs.trial_sizing import TrialSize, apply_size, size_trial
 from pipelines.reporting.tables import format_table
 from strategies.config import StrategyConfig
 from strategies.registry import get_strategy, settings_used
@@ -46,6 +47,7 @@ class SweepPlan:
     base_dict: dict  # the base config, resolved (absolute paths), as every trial starts from it
     is_vlm: bool
     configs: list[dict[str, Any]]  # random search: the sampled overrides, drawn up front
+    sizes: list[TrialSize] | None = None  # sweep.gpu_memory_gb with random search: each configuration's resources
 
     @property
     def num_trials(self) -> int:
@@ -84,11 +86,40 @@ def build_sweep_plan(path: str | Path, overrides: dict | None = None) -> SweepPl
     # every trial config must load and fit the model before anything starts
     if spec.sweep.search == "random":
         _check_trials(plan, source, configs)
+        if spec.sweep.gpu_memory_gb:
+            plan.sizes = _sizes(plan, source)
     else:  # optuna: each strategy choice with the base settings, and a sample of the space it proposes from
         probes = dataclasses.replace(spec, sweep=dataclasses.replace(spec.sweep, num_samples=OPTUNA_PROBES))
         names = next((d.values for d in spec.space if d.key == "strategy.name"), [])
         _check_trials(plan, source, [{"strategy.name": n} for n in names] + sample_configs(probes, is_vlm))
     return plan
+
+
+def _sizes(plan: SweepPlan, source: str) -> list[TrialSize]:
+    """Every configuration's resources from its plan: sized once per distinct memory shape (a float setting, an LR
+    or a dropout, changes no byte), one meta-device plan per distinct strategy structure."""
+    plans, sized, sizes = {}, {}, []
+    for i, overrides in enumerate(plan.configs):
+        shape = json.dumps(sorted((k, v) for k, v in overrides.items() if not isinstance(v, float)), default=str)
+        if shape not in sized:
+            cfg = trial_config(plan, overrides)
+            key = _structure_key(cfg)
+            if key not in plans:
+                plans[key] = skeleton_plan(source, cfg)
+            sized[shape] = size_trial(plans[key], cfg, plan.spec.sweep.gpu_memory_gb,
+                                      plan.spec.sweep.max_workers_per_trial, f"#{i}")
+        sizes.append(sized[shape])
+    return sizes
+
+
+def sized_config(plan: SweepPlan, cfg: RunConfig, config_index: int | None, model_path: str, name: str) -> RunConfig:
+    """A trial's config with the resources its plan asks for (sweep.gpu_memory_gb); as written without it."""
+    if not plan.spec.sweep.gpu_memory_gb:
+        return cfg
+    size = (plan.sizes[config_index] if plan.sizes is not None and config_index is not None else
+            size_trial(skeleton_plan(model_path, cfg), cfg, plan.spec.sweep.gpu_memory_gb,
+                       plan.spec.sweep.max_workers_per_trial, name))
+    return apply_size(cfg, size)
 
 
 def _check_trials(plan: SweepPlan, source: str, drawn: list[dict[str, Any]]) -> None:
@@ -162,17 +193,27 @@ def describe(plan: SweepPlan) -> str:
                               title="search space (strategy.* settings are sampled only where the strategy uses them):"))
     r = s.resources
     gpus = r.per_worker().get("GPU")
-    lines.append(f"per trial: {r.num_workers} Ray Train worker(s) x {r.cpus_per_worker} CPU"
-                 + (f" + {gpus} GPU" if gpus else "") + f", {plan.base.train.epochs} epochs"
-                 + f"; model {plan.base.model} ({'VLM' if plan.is_vlm else 'text'})")
+    if s.gpu_memory_gb:
+        lines.append(f"per trial: sized from its plan against {s.gpu_memory_gb:g} GB GPUs (a share of one, or fsdp over "
+                     f"up to {s.max_workers_per_trial}), {r.cpus_per_worker} CPU per worker, {plan.base.train.epochs} "
+                     f"epochs; model {plan.base.model} ({'VLM' if plan.is_vlm else 'text'})")
+    else:
+        lines.append(f"per trial: {r.num_workers} Ray Train worker(s) x {r.cpus_per_worker} CPU"
+                     + (f" + {gpus} GPU" if gpus else "") + f", {plan.base.train.epochs} epochs"
+                     + f"; model {plan.base.model} ({'VLM' if plan.is_vlm else 'text'})")
     if plan.configs:
         shown = plan.configs[:SHOWN_CONFIGS]
         keys = sorted({k for c in plan.configs for k in c}, key=lambda k: (k != "strategy.name", k))
         rows = [[i] + [c.get(k) for k in keys] for i, c in enumerate(shown)]
+        head = ["#"] + keys
+        if plan.sizes:  # sized from each trial's plan (sweep.gpu_memory_gb)
+            head += ["GB/GPU", "parallel", "workers", "GPU share"]
+            rows = [row + [f"{z.gb_per_gpu:.2f}", z.parallel, z.workers, z.gpu_share]
+                    for row, z in zip(rows, plan.sizes)]
         title = "configurations drawn (- = not used by that strategy)"
         more = len(plan.configs) - len(shown)
         title += f", the first {len(shown)} of {len(plan.configs)}:" if more else ":"
-        lines.append(format_table(["#"] + keys, rows, title=title))
+        lines.append(format_table(head, rows, title=title))
         if more:
             lines.append(f"... and {more} more configurations (drawn the same way; each trial's are in its MLflow run)")
     return "\n".join(lines)

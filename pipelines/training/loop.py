@@ -5,8 +5,12 @@ Runs inside a Ray Train worker (``pipelines.training.worker``) or in-process
 loop; the plan from ``strategies`` decides what trains and at which LR.
 
 Phases: set-up (seed, model, plan, data, FSDP2 sharding, optimizer, schedule, resume) →
-per epoch (thaw, DDP wrap, one ``step.train_step`` per accumulation window,
-eval, report + checkpoint) → final model. No Ray and no MLflow here.
+per epoch, one ``step.train_step`` per accumulation window (batches collated one window at a time, in a
+seeded order), each preceded by the thaw stage it falls in (DDP re-wrapped when the trainable set changes);
+every ``train.report_every`` steps and at the epoch's end a report (a bounded eval inside the epoch, the full
+eval at its end) and, at the end or every ``train.save_every`` steps, a checkpoint that says where in the
+epoch it was taken, so a resumed run skips exactly the batches already seen → final model. No Ray and no
+MLflow here.
 
 ``resources.parallel`` picks how several workers share the work: ``ddp`` replicates the model on every
 rank; ``fsdp`` shards parameters, gradients and optimizer state over the ranks (``sharding``); ``auto``
