@@ -3,7 +3,7 @@
 ``pipelines.jobs.sweep.run_sweep("tune_spaces/demo.yaml", overrides=...)``, unchanged but for: ``num_samples`` (8;
 quick: 2), the scheduler, a fresh storage path and SQLite MLflow store, and — so no pre-training runs here —
 ``base.model`` = a materialised tiny-llava and ``base.data`` = demo data generated here (the demo's task,
-4096 train + 64 eval records; quick: 32 + 16 and 2 epochs), reports every quarter epoch
+2048 train + 64 eval records; quick: 32 + 16 and 2 epochs), reports every quarter epoch
 (``train.report_every``) and ASHA's grace period a quarter epoch: trials that run many report intervals,
 so ASHA decides inside epochs. Random search with the file's ``search_seed`` draws the same configurations
 for both sweeps, so they run the same trials. Wall time: the whole ``run_sweep`` call (what a user waits for;
@@ -82,7 +82,7 @@ def run(ctx) -> list:
     space = yaml.safe_load((ctx.root / "tune_spaces" / "demo.yaml").read_text())
     asha = {**space["sweep"]["scheduler"], "type": "asha", "grace_period": 1 / REPORTS_PER_EPOCH}
     n, epochs = (2, 2) if ctx.quick else (8, None)
-    records = (32, 16) if ctx.quick else (4096, 64)
+    records = (32, 16) if ctx.quick else (2048, 64)
     files = ctx.demo_data(*records)
     steps_per_epoch = -(-records[0] // BATCH)
     e = epochs or space["base"]["train"]["epochs"]
