@@ -330,4 +330,4 @@ def eval_batches(dataset: list[dict], batch_size: int, pad_id: int, max_batches:
     """The bounded sample: the first ``max_batches`` batches of the eval set, in order (deterministic)."""
 
     sample = dataset[: batch_size * max_batches]
-    return [collate(sample[i : i + batch_size], pad_id) for i in range(0, len(sample), batch_size)]
+    return [collate(list(sample[i : i + batch_size]), pad_id) for i in range(0, len(sample), batch_size)]

@@ -170,7 +170,7 @@ def run_loop(cfg: RunConfig, model_path: str, env: WorkerEnv, report: ReportFn,
         train_shard = shard(train_set, env.rank, env.world_size)
     eval_shard = eval_part(eval_set, env.rank, env.world_size)
     classifier = is_classification(train_set[0]["labels"], batched=False)  # reports eval_accuracy too
-    first_batch = collate(train_shard[: t.batch_size], pad_id)
+    first_batch = collate(list(train_shard[: t.batch_size]), pad_id)  # a list: collate walks it several times
 
     # --- sharded: one warm-up forward before any freezing (see sharding.warm_up)
     if sharded:
