@@ -267,7 +267,7 @@ def test_killed_s3_run_resumes_from_the_bucket(s3, workdir, model_dirs):
     assert sorted(epochs) == [1, 2, 3], epochs  # resumed at epoch 2: none repeated, none missing
     steps = dict(tracking.metric_history(uri, run.info.run_id, "optimizer_steps"))
     assert steps[2] == 2 * steps[1] and steps[3] == 3 * steps[1]  # the optimizer's count went on
-    assert f"at epoch 2 (optimizer step {int(steps[1])})" in output  # the worker's own word: resumed, not restarted
+    assert f"at epoch 2, batch 0 (optimizer step {int(steps[1])})" in output  # the worker's own word: resumed, not restarted
 
     keys = _keys(client, run_prefix)
     final = run.data.tags["checkpoint"]
