@@ -1,6 +1,6 @@
 """freezetune benchmarks: the cost of Ray, the savings of freezing, the cost of a trial, measured against targets.
 
-    python -m benchmarks                      # every benchmark, ~10 minutes on 2 CPU cores
+    python -m benchmarks                      # every benchmark, ~40 minutes on 2 CPU cores
     python -m benchmarks --quick              # CI: small models, fewer repeats (~3 minutes); checks the format
     python -m benchmarks --only freeze data_cache --out bench-results
 

@@ -157,7 +157,7 @@ class SweepSettings:
     seeds: int = setting(1, "run each configuration under N seeds to see the spread")
     search: str = setting("random", "random | optuna (define-by-run, conditional)")
     search_seed: int = setting(0, "seed of the search itself (which configs are drawn)")
-    metric: str = setting("eval_loss", "metric reported per epoch")
+    metric: str = setting("eval_loss", "metric ASHA cuts on at each report and `compare` ranks on at epoch ends")
     mode: str = setting("min", "min | max")
     max_concurrent_trials: int = setting(2, "trials running at once")
     scheduler: SchedulerSettings = setting(SchedulerSettings(), "early stopping")

@@ -1,4 +1,5 @@
-"""The metrics a training run reports each epoch (to Ray Tune and MLflow): what a sweep may rank on.
+"""The metrics a training run reports (to Ray Tune and MLflow) every ``train.report_every`` steps and at each
+epoch's end: what a sweep may rank on.
 
 Kept here, below the training loop and the tune spaces, so that a sweep's `metric:` is checked against
 it when the space is loaded, before anything starts. ``pipelines.training.loop`` reports exactly these

@@ -1,4 +1,4 @@
-"""Ray callbacks that write epoch results to MLflow from a single process.
+"""Ray callbacks that write training reports to MLflow from a single process (epoch and step axes).
 
 ``TrainEpochLogger`` runs in the Ray Train controller, which Ray places on the
 driver's node; ``SweepMlflowCallback`` in the Tune driver. Either way one

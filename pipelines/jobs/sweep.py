@@ -1,8 +1,8 @@
 """`freezetune sweep tune_spaces/NAME.yaml`: Ray Tune over strategies and per-part learning rates.
 
 Each trial is a Tune function that builds and fits a TorchTrainer (Train V2);
-the workers' per-epoch reports reach Tune through ``TuneReportCallback`` so
-ASHA can stop a trial early. MLflow is written by the Tune driver only: the
+the workers' reports (every ``train.report_every`` steps and at epoch ends) reach Tune through
+``TuneReportCallback`` so ASHA can stop a trial early. MLflow is written by the Tune driver only: the
 sweep is one parent run, each trial exactly one child run.
 
 Before anything starts, every trial's config is built and checked against the
