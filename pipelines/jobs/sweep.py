@@ -22,6 +22,7 @@ from optuna.samplers import TPESampler
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from pipelines import tracking
@@ -216,16 +217,39 @@ def _settings_dict(spec: SweepSpec) -> dict:
     return dataclasses.asdict(spec.sweep)
 
 
+# a value Tune's live table shows for a setting a trial does not have (e.g. vision_lr when the vision tower is frozen)
+NOT_SAMPLED = "-"
+
+
 def _param_space(plan: SweepPlan) -> dict:
+    """Random search: the configurations are drawn before the sweep starts (plan.configs); Tune runs them as
+    given (``_drawn_points``) under each seed. Every setting is a ``tune.choice`` over its drawn values only so
+    that Tune's live table has a column for it (it shows Domain and grid keys, nothing else); the trial reads
+    only ``config_index`` and ``seed_index``."""
     if plan.spec.sweep.search == "optuna":
         return {}
     configs = plan.configs
-    # the sampled values, so that Tune's live table shows them next to each trial (read from the drawn config;
-    # the trial itself reads only config_index and seed_index)
-    shown = {key: tune.sample_from(lambda config, key=key: configs[config["config_index"]].get(key))
-             for key in dict.fromkeys(k for c in configs for k in c)}
-    return {"config_index": tune.grid_search(list(range(len(configs)))),
+    shown = {key: tune.choice(list(dict.fromkeys(_shown(c.get(key, NOT_SAMPLED)) for c in configs)))
+             for key in _keys(configs)}
+    return {"config_index": tune.choice(list(range(len(configs)))),
             "seed_index": tune.grid_search(list(range(plan.spec.sweep.seeds))), **shown}
+
+
+def _drawn_points(plan: SweepPlan) -> list[dict]:
+    """One point per drawn configuration, every shown setting fixed, so Tune samples nothing itself."""
+    keys = _keys(plan.configs)
+    return [{"config_index": i, **{k: _shown(c.get(k, NOT_SAMPLED)) for k in keys}} for i, c in enumerate(plan.configs)]
+
+
+def _keys(configs: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for c in configs for k in c))
+
+
+def _shown(value):
+    # the table's cells are short: learning rates at 3 significant digits (the trial uses its exact value)
+    if isinstance(value, float):
+        return float(f"{value:.3g}")
+    return value if isinstance(value, (str, int, bool)) or value is None else str(value)
 
 
 def _tune_config(plan: SweepPlan):
@@ -236,13 +260,16 @@ def _tune_config(plan: SweepPlan):
                                   grace_period=s.scheduler.grace_period, reduction_factor=s.scheduler.reduction_factor)
     else:
         scheduler = FIFOScheduler()
-    search_alg, num_samples = None, 1
     if s.search == "optuna":
         search_alg = OptunaSearch(space=define_by_run(plan.spec, plan.is_vlm), metric=s.metric, mode=s.mode,
                                   sampler=TPESampler(seed=s.search_seed))
-        num_samples = s.num_samples
+        return tune.TuneConfig(metric=s.metric, mode=s.mode, scheduler=scheduler, search_alg=search_alg,
+                               num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent_trials)
+    # random: the drawn configurations, each under every seed (the grid over seed_index). This generator takes the
+    # concurrency limit itself: Tune ignores max_concurrent_trials when it is given one.
+    search_alg = BasicVariantGenerator(points_to_evaluate=_drawn_points(plan), max_concurrent=s.max_concurrent_trials or 0)
     return tune.TuneConfig(metric=s.metric, mode=s.mode, scheduler=scheduler, search_alg=search_alg,
-                           num_samples=num_samples, max_concurrent_trials=s.max_concurrent_trials)
+                           num_samples=len(plan.configs))
 
 
 # --- the ranked summary, from MLflow (the record that outlives the cluster) -----------
