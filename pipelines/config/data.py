@@ -32,6 +32,10 @@ class DataConfig:
                                          "the path of a .jinja file holding one (default: the model's own)")
     max_record_mb: float = _f(8.0, "largest record (one JSONL line or parquet row) accepted, in MB; a larger one "
                                    "is refused before any tokenisation (long texts are cut to max_length anyway)")
+    num_proc: int | None = _f(None, "processes that tokenise a file (and decode its images) when it is not cached; "
+                                    "1: this process. Default: automatic, the first 100 records are tokenised here "
+                                    "and timed, and min(CPUs, 8) processes take the rest if it would take over 30 s "
+                                    "here (a process takes seconds to start); the cache is the same either way")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str = "data") -> "DataConfig":
@@ -62,6 +66,9 @@ class DataConfig:
             raise DataError(f"{where}.max_length = {self.max_length}: use at least 8 tokens, e.g. 128 (image-text data needs room for the image tokens too).")
         if self.max_samples is not None and self.max_samples < 1:
             raise DataError(f"{where}.max_samples = {self.max_samples}: use a positive number, or leave it unset for all records.")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise DataError(f"{where}.num_proc = {self.num_proc}: use at least 1 (1 tokenises in this process), or "
+                            "leave it unset for automatic.")
         if self.max_record_mb <= 0:
             raise DataError(f"{where}.max_record_mb = {self.max_record_mb}: must be > 0, e.g. 8.")
         if self.chat_template is not None and _names_a_file(self.chat_template) \

@@ -16,9 +16,10 @@ no loss is taken; a 0-d class id for classification) and, for images, ``pixel_va
 
 The data streams: records are read and checked one at a time (JSONL line by line, parquet by row batches; a
 .json array is parsed whole) and none is kept on a cache hit; tokenised examples go to the cache file one at a
-time; ``load_datasets`` returns lazy sequences (``pipelines.data.lazy.Examples``) that read each example from
-the cache file when it is accessed. A worker holds the cache's index (about 100 bytes per example) and the
-batch it is collating, never the data set.
+time, in record order (a large file is tokenised in ``data.num_proc`` worker processes, a chunk of records each:
+``pipelines.data.parallel``; the file is the same byte for byte); ``load_datasets`` returns lazy sequences
+(``pipelines.data.lazy.Examples``) that read each example from the cache file when it is accessed. A worker
+holds the cache's index (about 100 bytes per example) and the batch it is collating, never the data set.
 """
 
 from __future__ import annotations
@@ -26,20 +27,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipelines.config import paths
 from pipelines.config.data import DataConfig, DataError
 from pipelines.config.run import LOSS_ON
-from pipelines.data import chat, storage
+from pipelines.data import chat, parallel, storage
 from pipelines.data.lazy import CacheFile, CacheWriter, Examples
 
 log = logging.getLogger(__name__)
@@ -573,20 +577,159 @@ def _plan(cfg: DataConfig, processor, loss_on: str, files: list[Path], firsts: l
     return _Plan(cfg.max_length, loss_on, template)
 
 
+# ---------------------------------------------------------------- tokenising in worker processes (data.num_proc)
+# Automatic num_proc: the first PROBE_RECORDS records are tokenised here and timed; worker processes take the rest
+# only when it would take over AUTO_MIN_SECONDS here: a worker needs seconds to start (it imports torch, transformers
+# and the processor's class: ~7 s for tiny-llava's on 2 idle cores), which text records rarely repay, images often.
+PROBE_RECORDS = 100
+AUTO_MIN_SECONDS = 30.0
+AUTO_MAX_PROCESSES = 8
+CHUNK_RECORDS = 256  # the most records a worker is given at once (its examples come back in one message)...
+CHUNK_IMAGE_RECORDS = 32  # ... fewer when they have images: their pixel values can be MBs per record
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the CPUs this process may use (a taskset's or container's share)
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _auto_processes(seconds_left: float, records_left: int) -> int:
+    """Automatic num_proc: min(CPUs, ``AUTO_MAX_PROCESSES``) processes when the records left would take over
+    ``AUTO_MIN_SECONDS`` in this process, else this process alone."""
+    if seconds_left < AUTO_MIN_SECONDS:
+        return 1
+    return max(1, min(_cpus(), AUTO_MAX_PROCESSES, records_left))
+
+
+def _chunks(pairs: list, processes: int, images: bool) -> Iterator[list]:
+    """Contiguous chunks of (record, rendered) pairs: about four a process for a small file (so the work evens
+    out), at most ``CHUNK_RECORDS`` (``CHUNK_IMAGE_RECORDS``) records each for a large one."""
+    cap = CHUNK_IMAGE_RECORDS if images else CHUNK_RECORDS
+    size = max(1, min(cap, math.ceil(len(pairs) / (4 * processes))))
+    for start in range(0, len(pairs), size):
+        yield pairs[start:start + size]
+
+
+def _tokenize_chunk(shared: tuple, pairs: list) -> list[dict[str, Any] | None]:
+    """Runs in a worker process: the examples of a chunk, in order. Tensors travel as numpy arrays, pickled as
+    plain bytes (torch would move each tensor through shared memory, a file descriptor apiece)."""
+    processor, plan = shared
+    return [_to_arrays(_tokenize(rec, processor, plan, rendered)) for rec, rendered in pairs]
+
+
+def _to_arrays(example: dict | None) -> dict | None:
+    if example is None:
+        return None
+    out = {}
+    for key, value in example.items():
+        try:
+            out[key] = value.numpy()
+        except TypeError:  # a dtype numpy lacks (bfloat16): sent as a tensor
+            out[key] = value
+    return out
+
+
+def _from_arrays(example: dict | None) -> dict | None:
+    if example is None:
+        return None
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in example.items()}
+
+
+class _Workers:
+    """Tokenises the records of the files of one ``load_datasets`` call, in record order: in this process, or in
+    ``data.num_proc`` worker processes (started for the first file that needs them, reused by the next; spawned,
+    never forked, and read in chunk order: ``pipelines.data.parallel`` says why)."""
+
+    def __init__(self, cfg: DataConfig, processor, plan: _Plan):
+        self.cfg, self.processor, self.plan = cfg, processor, plan
+        self._pool: parallel.OrderedPool | None = None
+        self._in_process_only = False  # set once worker processes turned out not to work with this processor
+
+    def examples(self, path: Path, records: list[_Record], rendered: list) -> Iterator[dict | None]:
+        """One example per record (None: dropped, nothing left to learn), in record order, made one chunk at a
+        time (memory holds a few chunks of examples, never the file's). A worker's error is raised unchanged."""
+        pairs, done = list(zip(records, rendered)), 0
+        if self.cfg.num_proc is not None:
+            processes, how = min(self.cfg.num_proc, len(pairs)), ""
+        else:  # automatic: time the first records here (the first one apart: it pays for lazy imports)
+            spent = 0.0
+            for rec, x in pairs[:PROBE_RECORDS]:
+                started = time.perf_counter()
+                example = _tokenize(rec, self.processor, self.plan, x)
+                spent += (time.perf_counter() - started) if done else 0.0
+                done += 1
+                yield example
+            left = len(pairs) - done
+            estimate = spent / max(done - 1, 1) * left
+            processes = _auto_processes(estimate, left)
+            how = f" (the first {done} here; the other {left} would take ~{estimate:.0f} s in one)" if left else ""
+        pool = self._pool_for(path, processes) if processes > 1 else None
+        log.info("data %s: tokenising %d records in %d process%s%s", path, len(pairs),
+                 pool.processes if pool else 1, "es" if pool else "", how)
+        if pool is not None:
+            chunks = _chunks(pairs[done:], pool.processes, any(r.images for r in records))
+            try:
+                for chunk in pool.map(_tokenize_chunk, chunks):
+                    for example in chunk:
+                        done += 1
+                        yield _from_arrays(example)
+                return
+            except parallel.SetupFailed as err:  # nothing is lost: the records from `done` on go in this process
+                self._give_up(path, f"a worker process could not load the processor ({err})")
+            except parallel.BrokenProcessPool as err:
+                raise DataError(f"{path}: a worker process tokenising it stopped ({err}); it may have run out of "
+                                "memory: lower data.num_proc, or set it to 1 to tokenise in this process.") from err
+        for rec, x in pairs[done:]:
+            yield _tokenize(rec, self.processor, self.plan, x)
+
+    def _pool_for(self, path: Path, processes: int) -> parallel.OrderedPool | None:
+        if self._in_process_only:
+            return None
+        if self._pool is None:
+            blob, why = parallel.pickled((self.processor, self.plan))
+            if blob is None:
+                self._give_up(path, f"the processor cannot be pickled for worker processes ({why})")
+                return None
+            self._pool = parallel.OrderedPool(processes, blob)
+        return self._pool
+
+    def _give_up(self, path: Path, why: str) -> None:
+        self.close()
+        self._in_process_only = True
+        # a warning when data.num_proc asked for processes; information when they were only the automatic choice
+        log.log(logging.WARNING if self.cfg.num_proc else logging.INFO,
+                "data %s: tokenising in this process (data.num_proc ignored): %s", path, why)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> "_Workers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _tokenize_into_cache(cfg: DataConfig, path: Path, records: list[_Record], processor,
-                         target: Path | str, plan: _Plan | None = None) -> CacheFile:
+                         target: Path | str, plan: _Plan | None = None, workers: _Workers | None = None) -> CacheFile:
     """Tokenises ``records`` into the cache file ``target`` one example at a time (each goes to disk as it is
-    made: memory holds the records, never the examples) and returns the file, opened."""
+    made: memory holds the records, never the examples) and returns the file, opened. ``workers`` (default: ones
+    for this file alone) tokenise in this process or in ``data.num_proc`` processes: the file is the same."""
     plan = plan or _Plan(cfg.max_length)
     # every chat record is rendered and checked before the first one is tokenised
     rendered = [_rendered(r, processor, plan) if r.conv is not None else None for r in records]
     remote = isinstance(target, str)  # a URI: written locally, then uploaded whole (storage.upload)
     folder = Path(tempfile.gettempdir()) if remote else target.parent
     folder.mkdir(parents=True, exist_ok=True)
+    own = workers is None
+    workers = workers or _Workers(cfg, processor, plan)
     writer = CacheWriter(folder)
     try:
-        for r, x in zip(records, rendered):
-            ex = _tokenize(r, processor, plan, x)
+        for ex in workers.examples(path, records, rendered):
             if ex is not None:
                 writer.add(ex)
         dropped = len(records) - writer.count
@@ -620,6 +763,8 @@ def _tokenize_into_cache(cfg: DataConfig, path: Path, records: list[_Record], pr
                 os.unlink(tmp)
     finally:
         writer.close()
+        if own:
+            workers.close()
     log.info("data %s: tokenised %d examples into %s", path, len(opened), target)
     return opened
 
@@ -656,9 +801,10 @@ def load_datasets(cfg: DataConfig, processor, seed: int, head: Head | None = Non
     missed = {i: list(records(files[i])) for i, hit in enumerate(cached) if hit is None}
     for recs in missed.values():
         _check_image_headers(recs)
-    opened = [hit if hit is not None else _tokenize_into_cache(cfg, files[i], missed.pop(i), processor, targets[i],
-                                                               plan)
-              for i, hit in enumerate(cached)]
+    with _Workers(cfg, processor, plan) as workers:  # worker processes (data.num_proc), if any, serve both files
+        opened = [hit if hit is not None else _tokenize_into_cache(cfg, files[i], missed.pop(i), processor,
+                                                                   targets[i], plan, workers)
+                  for i, hit in enumerate(cached)]
     train = Examples(opened[0])
     if cfg.eval:
         return train, Examples(opened[1])
