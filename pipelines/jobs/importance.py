@@ -66,7 +66,7 @@ def run_on_ray(cfg: RunConfig, settings: AnalysisSettings, model_path: str, weig
     resources = task_resources(cfg)
     payload = {"run": cfg.to_dict(), "analysis": dataclasses.asdict(settings), "model_path": model_path,
                "weights": weights, "gpus": resources["num_gpus"], "threads": max(1, int(resources["num_cpus"]))}
-    # inside a Tune trial the task would be captured by the trial's placement group (0.05 CPU) and never
+    # inside a Tune trial the task would be captured by the trial's placement group (no CPU) and never
     # fit: it asks the cluster for a worker of its own instead
     outside = PlacementGroupSchedulingStrategy(placement_group=None)
     task = ray.remote(_analysis_task).options(name="freezetune-analyze", max_retries=0, scheduling_strategy=outside,

@@ -111,7 +111,7 @@ def check_capacity(num_workers: int, per_worker: dict[str, float], head_reserved
     """Refuse a request no node of this cluster can ever hold, instead of waiting forever.
 
     ``head_reserved``: what else must sit on the head node while the workers run (a sweep trial's driver), taken
-    off the head's resources first: two 1-CPU workers and a 0.05-CPU driver never fit a 2-CPU cluster.
+    off the head's resources first (a resource it takes from the head is not there for workers).
 
     What the alive nodes cannot hold is accepted when the cluster's autoscaler can launch nodes that do (alive
     nodes plus what each node type may still add, within its max_workers and the cluster's); the workers then wait

@@ -43,8 +43,10 @@ from pipelines.tracking.models import register_model
 from tune_spaces.spec import SweepSpec, define_by_run
 
 log = logging.getLogger("freezetune.sweep")
-# A trial's driver (the Tune function that runs its TorchTrainer): a sliver of a CPU, on the head node
-TRIAL_DRIVER = {"CPU": 0.05, ray_env.HEAD_RESOURCE: 0.001}
+# A trial's driver (the Tune function that runs its TorchTrainer) on the head node, and no CPU: it only waits on
+# its workers. Even a sliver of a CPU kept two 1-CPU trials from training side by side on a 2-CPU node (2 x 1.05 > 2),
+# so `max_concurrent_trials: 2` ran one trial at a time there, the other's workers waiting for the first to end.
+TRIAL_DRIVER = {ray_env.HEAD_RESOURCE: 0.001}
 
 
 def run_trial(config: dict, plan: SweepPlan, model_path: str, trials_storage: str) -> None:
@@ -95,7 +97,8 @@ def run_sweep(path: str | Path, address: str | None = None, resume: bool = False
     ray_env.leave_job_working_dir(storage if not is_uri(storage) else storage_root())  # a local folder to work in
     shapes = {(base.resources.num_workers, tuple(base.resources.per_worker().items()))}
     if plan.sizes:  # each sized trial must fit the cluster (or a node type it can scale to)
-        shapes = {(z.workers, tuple(apply_size(base, z).resources.per_worker().items())) for z in plan.sizes}
+        shapes = {(z.workers, tuple(apply_size(base, z, spec.sweep.gpu_resource).resources.per_worker().items()))
+                  for z in plan.sizes}
     for workers, per_worker in sorted(shapes):
         ray_env.check_capacity(workers, dict(per_worker), head_reserved=TRIAL_DRIVER)
     check_cluster_reach(base, prep.model_path)

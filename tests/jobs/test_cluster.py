@@ -60,11 +60,11 @@ def test_kuberay_rayjob_has_the_fields_the_crd_requires():
 
 
 def test_sweep_job_on_a_two_node_cluster(tmp_path, demo_files, model_dirs):
-    # as on cluster.yaml's CPU head: the head holds the sweep driver's trial functions (0.05 CPU each, pinned
-    # there) but no whole CPU for a Train worker, so every trial's training must run on the other node.
+    # a head with no CPU for workers: it holds the sweep driver and the trial functions (no CPU, pinned there),
+    # so every trial's training must run on the other node.
     # (Asserting that trials spread over two nodes would depend on trials overlapping, which a slow CI does not
     # guarantee.)
-    cluster = LocalRayCluster(nodes=2, cpus_per_node=2, head_cpus=1)
+    cluster = LocalRayCluster(nodes=2, cpus_per_node=2, head_cpus=0)
     server = MlflowServer(tmp_path / "mlflow")
     try:
         server.start()

@@ -27,7 +27,7 @@ def children_of(uri: str, parent_id: str):
     return c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)
 
 
-def test_demo_sweep_one_parent_one_child_per_trial(ray_session, demo_root, workdir):
+def test_demo_sweep_one_parent_one_child_per_trial(ray_session, demo_root, workdir, capfd):
     from pipelines.jobs.sweep import run_sweep
 
     uri = f"sqlite:///{workdir / 'sweep-demo.db'}"
@@ -62,6 +62,13 @@ def test_demo_sweep_one_parent_one_child_per_trial(ray_session, demo_root, workd
         assert not {"pid", "timestamp", "time_total_s"} & set(run.data.metrics)
     ranked = {a.path for a in c.list_artifacts(parent.info.run_id, "summary")}
     assert {"summary/ranked.txt", "summary/ranked.json", "summary/ranked_table.json"} <= ranked
+    # Tune's live table has a column per sampled setting, and each trial's row shows what it drew
+    out = capfd.readouterr().out
+    header = next(line for line in reversed(out.splitlines()) if "Trial name" in line)
+    assert "strategy.name" in header and "seed_index" in header
+    for run in children:
+        row = next(line for line in reversed(out.splitlines()) if run.data.tags["trial_id"] in line and "│" in line)
+        assert f" {run.data.params['strategy.name']} " in row, row
     print(f"demo sweep: {took:.0f} s for 4 trials")
 
 
@@ -153,3 +160,19 @@ def test_interrupted_sweep_resumes_with_every_trial_once(workdir, demo_files, mo
     # the trial that had finished before the kill was not run again
     history = c.get_metric_history(first_done.info.run_id, "eval_loss")
     assert all(m.timestamp < killed_at for m in history)
+
+
+def test_two_one_cpu_trials_train_side_by_side_on_two_cpus(ray_session):
+    # what `max_concurrent_trials: 2` needs on a 2-CPU node: both trials' drivers and both 1-CPU Train workers
+    # placed at once (a CPU sliver per driver made the second trial's worker wait for the first trial to end)
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from pipelines.jobs.sweep import TRIAL_DRIVER
+
+    groups = [placement_group([TRIAL_DRIVER]) for _ in range(2)] + [placement_group([{"CPU": 1}]) for _ in range(2)]
+    try:
+        ready, pending = ray_session.wait([g.ready() for g in groups], num_returns=len(groups), timeout=60)
+        assert not pending, f"{len(pending)} of {len(groups)} placement groups never placed on {ray_session.cluster_resources()}"
+    finally:
+        for g in groups:
+            remove_placement_group(g)
