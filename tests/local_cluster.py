@@ -49,13 +49,16 @@ def _http_ok(url: str) -> bool:
 class LocalRayCluster:
     """`ray start --head` plus `nodes - 1` nodes joined with `ray start --address`, token auth on."""
 
-    def __init__(self, nodes: int = 2, cpus_per_node: int = 1, head_cpus: int | None = None):
+    def __init__(self, nodes: int = 2, cpus_per_node: int = 1, head_cpus: int | None = None,
+                 node_resources: dict[str, float] | None = None):
+        """``node_resources``: custom resources every non-head node declares (e.g. ``{"fake_gpu": 1}``)."""
         import tempfile
 
         # short: Ray's unix sockets live under it and a socket path may not exceed 107 bytes
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
         self.nodes, self.cpus = nodes, cpus_per_node
         self.head_cpus = head_cpus if head_cpus is not None else cpus_per_node
+        self.node_resources = node_resources or {}
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
         # this cluster's processes must not inherit another instance's addresses (the test session's own Ray
@@ -90,7 +93,9 @@ class LocalRayCluster:
                          "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port()),
                          "--num-cpus", str(self.head_cpus), *common, *self._node_ports(0)])
         for i in range(1, self.nodes):
-            self._ray_start(["--address", self.address, "--num-cpus", str(self.cpus), *common, *self._node_ports(i)])
+            extra = ["--resources", json.dumps(self.node_resources)] if self.node_resources else []
+            self._ray_start(["--address", self.address, "--num-cpus", str(self.cpus), *extra, *common,
+                             *self._node_ports(i)])
         _wait(lambda: self.alive_nodes() >= self.nodes, 60, f"{self.nodes} Ray nodes")
         # the job API needs the head's dashboard agent to have registered
         _wait(self._jobs_ready, 90, "the Ray job API")

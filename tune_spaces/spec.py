@@ -168,12 +168,19 @@ class SweepSettings:
                                                 "its plan (GPU share, workers, ddp or fsdp) instead of taking "
                                                 "`resources` as written; `--dry-run` prints the sizes")
     max_workers_per_trial: int = setting(8, "with gpu_memory_gb: the most GPUs a trial may shard over (fsdp)")
+    gpu_resource: str = setting("GPU", "with gpu_memory_gb: the Ray resource a trial's GPUs are requested as: GPU, "
+                                       "or a custom resource that stands for GPUs on a CPU rehearsal cluster (nodes "
+                                       "started with e.g. --resources '{\"fake_gpu\": 1}'): Ray places and packs "
+                                       "the trials as it would on GPUs, and the workers train on CPU")
 
     def validate(self, where: str) -> None:
         gpu = self.gpu_memory_gb
         if gpu is not None and (not _is_number(gpu) or not math.isfinite(gpu) or gpu <= 0):
             raise SpaceError(f"{where}.gpu_memory_gb = {gpu!r}: give the GPU memory in GB (e.g. 80 for an H100), or "
                              "leave it unset to give every trial `resources` as written.")
+        if not isinstance(self.gpu_resource, str) or not self.gpu_resource.strip() or self.gpu_resource == "CPU":
+            raise SpaceError(f"{where}.gpu_resource = {self.gpu_resource!r}: give GPU (the default) or the name of a "
+                             "custom resource your nodes declare for their GPUs (e.g. fake_gpu).")
         for key in ("num_samples", "seeds", "max_concurrent_trials", "max_workers_per_trial"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -210,8 +210,9 @@ class SweepMlflowCallback(TuneCallback):
         # a trial restarted from scratch reports its epochs again: only what MLflow lacks is logged
         self._logged[trial.trial_id] = _log_report(self.uri, run.run_id, result,
                                                    self._logged.get(trial.trial_id, (0, 0)))
-        if result.get("node_id"):  # where rank 0 ran: node ids tell nodes apart even on one host
-            run.set_tags({"node_ip": result.get("node_ip"), "node_id": result["node_id"]})
+        if result.get("node_id"):  # where rank 0 ran (node ids tell nodes apart even on one host), with what
+            run.set_tags({"node_ip": result.get("node_ip"), "node_id": result["node_id"],
+                          **({"worker_resources": result["worker_resources"]} if result.get("worker_resources") else {})})
 
     def _complete(self, trial) -> None:
         run = self._child(trial)

@@ -119,7 +119,7 @@ def sized_config(plan: SweepPlan, cfg: RunConfig, config_index: int | None, mode
     size = (plan.sizes[config_index] if plan.sizes is not None and config_index is not None else
             size_trial(skeleton_plan(model_path, cfg), cfg, plan.spec.sweep.gpu_memory_gb,
                        plan.spec.sweep.max_workers_per_trial, name))
-    return apply_size(cfg, size)
+    return apply_size(cfg, size, plan.spec.sweep.gpu_resource)
 
 
 def _check_trials(plan: SweepPlan, source: str, drawn: list[dict[str, Any]]) -> None:

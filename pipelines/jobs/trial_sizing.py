@@ -75,8 +75,14 @@ def size_trial(plan, cfg: RunConfig, gpu_memory_gb: float, max_workers: int, nam
                      + "; or ".join(fixes) + ".")
 
 
-def apply_size(cfg: RunConfig, size: TrialSize) -> RunConfig:
-    """``cfg`` with the trial's sized resources (GPU workers, their share, ddp or fsdp)."""
-    resources = dataclasses.replace(cfg.resources, num_workers=size.workers, use_gpu=True,
-                                    gpus_per_worker=size.gpu_share, parallel=size.parallel)
+def apply_size(cfg: RunConfig, size: TrialSize, gpu_resource: str = "GPU") -> RunConfig:
+    """``cfg`` with the trial's sized resources (GPU workers, their share, ddp or fsdp). ``gpu_resource`` other than
+    GPU (``sweep.gpu_resource``): the share is asked for as that custom resource, by CPU workers."""
+    if gpu_resource == "GPU":
+        resources = dataclasses.replace(cfg.resources, num_workers=size.workers, use_gpu=True,
+                                        gpus_per_worker=size.gpu_share, parallel=size.parallel)
+    else:
+        resources = dataclasses.replace(
+            cfg.resources, num_workers=size.workers, use_gpu=False, gpus_per_worker=None, parallel=size.parallel,
+            resources_per_worker={**cfg.resources.resources_per_worker, gpu_resource: size.gpu_share})
     return dataclasses.replace(cfg, resources=resources)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 
@@ -31,7 +32,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         def report(metrics: dict, ckpt_dir: str | None) -> None:
             ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
-            where = {"node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id()}
+            runtime = ray.get_runtime_context()
+            # where rank 0 ran and what Ray gave it (a trial's GPU share shows here, e.g. {"GPU": 0.25})
+            where = {"node_ip": ray.util.get_node_ip_address(), "node_id": runtime.get_node_id(),
+                     "worker_resources": json.dumps(runtime.get_assigned_resources(), sort_keys=True)}
             ray.train.report({**metrics, **where}, checkpoint=ckpt)
 
         run_loop(cfg, loop_config["model_path"], env, report)
