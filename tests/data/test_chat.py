@@ -29,11 +29,6 @@ def write_jsonl(path: Path, records: list) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_byte_tokenizer()
-
-
 def cfg_for(tmp_path, train, **kw) -> DataConfig:
     return DataConfig(train=train, cache_dir=str(tmp_path / "cache"), eval_fraction=0, **kw)
 

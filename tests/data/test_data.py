@@ -13,17 +13,11 @@ from pipelines.data.dataset import IGNORE_INDEX, cache_path, collate, count_toke
 from pipelines.config.data import DataConfig, DataError
 from pipelines.demo.shapes import make_demo_data
 from pipelines.models.loading import load_model, load_processor
-from pipelines.models.tokenizer import build_byte_tokenizer
 
 
 def write_jsonl(path: Path, records: list) -> str:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_byte_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,6 @@ from pipelines.data import chat
 from pipelines.data import dataset as D
 from pipelines.data.lazy import CacheFile, Examples, write_examples
 from pipelines.demo.shapes import make_demo_data
-from pipelines.models.loading import load_processor
-from pipelines.models.tokenizer import build_byte_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "Answer in one word."},
@@ -34,16 +32,6 @@ CONVERSATION = [
 def write_jsonl(path: Path, records: list) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def llava_proc(model_dirs):
-    return load_processor(model_dirs["tiny-llava"])
 
 
 def eager(cfg: DataConfig, proc, seed: int = 0, loss_on: str = "assistant") -> tuple[list, list]:

@@ -21,7 +21,6 @@ from PIL import Image
 from pipelines.config.data import DataConfig, DataError
 from pipelines.data import dataset as D
 from pipelines.data import parallel
-from pipelines.models.loading import load_processor
 from pipelines.models.tokenizer import build_byte_tokenizer
 
 LOGGER = "pipelines.data.dataset"
@@ -31,16 +30,6 @@ def write_jsonl(path: Path, records: list) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def llava_proc(model_dirs):
-    return load_processor(model_dirs["tiny-llava"])
 
 
 def cache_files(folder: Path) -> dict[str, bytes]:
