@@ -87,7 +87,7 @@ class PlacementWatch:
                 amounts = [sum(b.get("unit_resources", {}).get(self.resource, 0) for b in pg.get("bundles", []))
                            for pg in groups if pg.get("state") == "CREATED"]
                 self.samples.append([a for a in amounts if a])
-            self._stop.wait(1.0)
+            self._stop.wait(3.0)  # a trial holds its group for a minute or more; each `ray list` costs a CPU-second
 
     def __enter__(self) -> "PlacementWatch":
         self._thread.start()
