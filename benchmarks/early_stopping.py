@@ -5,8 +5,8 @@ quick: 2), the scheduler, a fresh storage path and SQLite MLflow store, and — 
 ``base.model`` = a materialised tiny-llava and ``base.data`` = demo data generated here (the demo's task,
 4096 train + 64 eval records; quick: 32 + 16 and 2 epochs), reports every eighth of an epoch
 (``train.report_every``: 24 reports a trial) and ASHA's grace period an eighth of an epoch: trials that run many
-report intervals, so ASHA decides inside epochs, at rungs 1/8, 1/4, 1/2, 1 and 2 epochs. Random search with the file's ``search_seed`` draws the same configurations
-for both sweeps, so they run the same trials. Wall time: the whole ``run_sweep`` call (what a user waits for;
+report intervals, so ASHA decides inside epochs, at rungs 1/8, 1/4, 1/2, 1 and 2 epochs. Random search with the
+file's ``search_seed`` draws the same configurations for both sweeps, so they run the same trials. Wall time: the whole ``run_sweep`` call (what a user waits for;
 the Tune ``fit`` alone is in details). Both sweeps share one Ray instance started before them. Epochs trained
 per trial: its last optimizer step in MLflow (``step/train_loss``) / steps per epoch, fractional.
 """

@@ -211,8 +211,8 @@ class SweepMlflowCallback(TuneCallback):
         self._logged[trial.trial_id] = _log_report(self.uri, run.run_id, result,
                                                    self._logged.get(trial.trial_id, (0, 0)))
         if result.get("node_id"):  # where rank 0 ran (node ids tell nodes apart even on one host), with what
-            run.set_tags({"node_ip": result.get("node_ip"), "node_id": result["node_id"],
-                          **({"worker_resources": result["worker_resources"]} if result.get("worker_resources") else {})})
+            where = {k: result[k] for k in ("node_ip", "node_id", "worker_resources") if result.get(k)}
+            run.set_tags(where)
 
     def _complete(self, trial) -> None:
         run = self._child(trial)

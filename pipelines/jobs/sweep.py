@@ -114,8 +114,8 @@ def run_sweep(path: str | Path, address: str | None = None, resume: bool = False
             with _local_copy(outbox, read=True) as kept:
                 callback.replay(kept)
             storage_fs.remove(outbox)
-        # The trial function only drives; its TorchTrainer's workers hold the real resources. It lives on the
-        # head node: scattered over worker nodes, its CPU slivers would leave no node a whole CPU for a worker.
+        # The trial function only drives; its TorchTrainer's workers hold the real resources. It takes no CPU
+        # (TRIAL_DRIVER) and lives on the head node, so its process (imports, memory) stays off the worker nodes.
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, plan=plan, model_path=prep.model_path,
                                  trials_storage=storage_fs.join(sweep_dir, "trials")),
@@ -270,7 +270,8 @@ def _tune_config(plan: SweepPlan):
                                num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent_trials)
     # random: the drawn configurations, each under every seed (the grid over seed_index). This generator takes the
     # concurrency limit itself: Tune ignores max_concurrent_trials when it is given one.
-    search_alg = BasicVariantGenerator(points_to_evaluate=_drawn_points(plan), max_concurrent=s.max_concurrent_trials or 0)
+    search_alg = BasicVariantGenerator(points_to_evaluate=_drawn_points(plan),
+                                       max_concurrent=s.max_concurrent_trials or 0)
     return tune.TuneConfig(metric=s.metric, mode=s.mode, scheduler=scheduler, search_alg=search_alg,
                            num_samples=len(plan.configs))
 

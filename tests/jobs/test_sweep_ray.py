@@ -172,7 +172,8 @@ def test_two_one_cpu_trials_train_side_by_side_on_two_cpus(ray_session):
     groups = [placement_group([TRIAL_DRIVER]) for _ in range(2)] + [placement_group([{"CPU": 1}]) for _ in range(2)]
     try:
         ready, pending = ray_session.wait([g.ready() for g in groups], num_returns=len(groups), timeout=60)
-        assert not pending, f"{len(pending)} of {len(groups)} placement groups never placed on {ray_session.cluster_resources()}"
+        assert not pending, (f"{len(pending)} of {len(groups)} placement groups never placed on "
+                             f"{ray_session.cluster_resources()}")
     finally:
         for g in groups:
             remove_placement_group(g)
