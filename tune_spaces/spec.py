@@ -164,9 +164,11 @@ class SweepSettings:
     resources: Resources = setting(Resources(), "per-trial resources: merged over `base.resources`, the same keys")
     register_as: str | None = setting(None, "register the best trial's logged model (train.log_model) in the MLflow "
                                             "Model Registry under this name (a new version per sweep)")
-    gpu_memory_gb: float | None = setting(None, "memory of the GPUs trials run on (GB): each trial is then sized from "
-                                                "its plan (GPU share, workers, ddp or fsdp) instead of taking "
-                                                "`resources` as written; `--dry-run` prints the sizes")
+    gpu_memory_gb: float | str | None = setting(
+        None, "memory of the GPUs trials run on (GB), or `auto`: read from the cluster (the GPU types its nodes have "
+              "or its autoscaler can add, Ray's accelerator_type:<type>); each trial is then sized from its plan (GPU "
+              "share, workers, ddp or fsdp, the GPU type on a mixed cluster) instead of taking `resources` as "
+              "written; `--dry-run` prints the sizes (with auto: given --address)")
     max_workers_per_trial: int = setting(8, "with gpu_memory_gb: the most GPUs a trial may shard over (fsdp)")
     gpu_resource: str = setting("GPU", "with gpu_memory_gb: the Ray resource a trial's GPUs are requested as: GPU, "
                                        "or a custom resource that stands for GPUs on a CPU rehearsal cluster (nodes "
@@ -175,9 +177,9 @@ class SweepSettings:
 
     def validate(self, where: str) -> None:
         gpu = self.gpu_memory_gb
-        if gpu is not None and (not _is_number(gpu) or not math.isfinite(gpu) or gpu <= 0):
-            raise SpaceError(f"{where}.gpu_memory_gb = {gpu!r}: give the GPU memory in GB (e.g. 80 for an H100), or "
-                             "leave it unset to give every trial `resources` as written.")
+        if gpu not in (None, "auto") and (not _is_number(gpu) or not math.isfinite(gpu) or gpu <= 0):
+            raise SpaceError(f"{where}.gpu_memory_gb = {gpu!r}: give the GPU memory in GB (e.g. 80 for an H100), auto "
+                             "(read from the cluster), or leave it unset to give every trial `resources` as written.")
         if not isinstance(self.gpu_resource, str) or not self.gpu_resource.strip() or self.gpu_resource == "CPU":
             raise SpaceError(f"{where}.gpu_resource = {self.gpu_resource!r}: give GPU (the default) or the name of a "
                              "custom resource your nodes declare for their GPUs (e.g. fake_gpu).")

@@ -168,6 +168,28 @@ def check_capacity(num_workers: int, per_worker: dict[str, float], head_reserved
     )
 
 
+ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's resource for a node's GPU type (detected, or declared per node type)
+
+
+def cluster_gpu_types() -> dict[str, str]:
+    """The GPU types (Ray's ``accelerator_type:<type>`` resources) of the alive nodes and of the node types the
+    autoscaler can add: {type: where it was seen}."""
+    import ray
+
+    seen: dict[str, str] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for key in node["Resources"]:
+                if key.startswith(ACCELERATOR_PREFIX):
+                    seen.setdefault(key[len(ACCELERATOR_PREFIX):], f"node {node.get('NodeManagerAddress', '?')}")
+    scaler = describe_autoscaler()
+    for name, node_type in (scaler.node_types if scaler else {}).items():
+        for key in node_type.resources:
+            if key.startswith(ACCELERATOR_PREFIX):
+                seen.setdefault(key[len(ACCELERATOR_PREFIX):], f"node type {name} ({scaler.source})")
+    return seen
+
+
 def describe_autoscaler() -> Autoscaler | None:
     """The connected cluster's autoscaler, or None when there is none that can add nodes (or none Ray describes).
 

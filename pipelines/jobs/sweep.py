@@ -32,8 +32,8 @@ from pipelines.jobs import ray_env
 from pipelines.jobs.callbacks import SweepMlflowCallback
 from pipelines.jobs.importance import trial_importance
 from pipelines.jobs.preflight import check_cluster_reach, fresh_name, prepare
-from pipelines.jobs.sweep_plan import (SWEEP_KEY_TAG, SweepPlan, build_sweep_plan, describe, sized_config, trial_config,
-                                       trial_settings)
+from pipelines.jobs.sweep_plan import (SWEEP_KEY_TAG, SweepPlan, build_sweep_plan, describe, size_for_cluster,
+                                       sized_config, trial_config, trial_settings)
 from pipelines.jobs.trainer import make_trainer
 from pipelines.jobs.trial_sizing import apply_size
 from pipelines.reporting.mlflow_reader import collect
@@ -73,6 +73,9 @@ def run_sweep(path: str | Path, address: str | None = None, resume: bool = False
               overrides: dict | None = None) -> dict:
     path = Path(path).absolute()  # ray.init inside a job may change the working directory
     plan = build_sweep_plan(path, overrides)
+    if plan.spec.sweep.gpu_memory_gb == "auto" and (not dry_run or address or os.environ.get("RAY_ADDRESS")):
+        ray_env.connect(address)  # before any tokenising: a trial no GPU type of the cluster holds is refused first
+        size_for_cluster(plan, ray_env.cluster_gpu_types())
     print(describe(plan), flush=True)
     if dry_run:
         return {"dry_run": True, "trials": plan.num_trials}

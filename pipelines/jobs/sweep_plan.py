@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +27,14 @@ from pipelines.config.metrics import CLASSIFIER_ONLY
 from pipelines.config.run import RunConfig, run_config_from_dict
 from pipelines.jobs.importance import apply_importance
 from pipelines.jobs.sources import resolve_data_sources, skeleton_plan, skeleton_source
-from pipelines.jobs.trial_sizing import TrialSize, apply_size, size_trial
+from pipelines.jobs.trial_sizing import TrialSize, apply_size, gpu_memory_of, size_trial
 from pipelines.reporting.tables import format_table
 from strategies.config import StrategyConfig
 from strategies.registry import get_strategy, settings_used
 from tune_spaces.spec import (CONTINUOUS, SpaceError, SweepSpec, check_reachable, load_spec, max_trial_epochs, nest,
                               sample_configs)
 
+log = logging.getLogger("freezetune.sweep")
 SHOWN_CONFIGS = 50  # describe() lists this many drawn configurations, then says how many more
 OPTUNA_PROBES = 64  # optuna proposes as it goes: this many random draws of the same space are checked up front
 
@@ -48,6 +50,7 @@ class SweepPlan:
     is_vlm: bool
     configs: list[dict[str, Any]]  # random search: the sampled overrides, drawn up front
     sizes: list[TrialSize] | None = None  # sweep.gpu_memory_gb with random search: each configuration's resources
+    gpus: dict[str | None, float] | None = None  # the GPUs trials are sized against: {type (None: any): GB}
 
     @property
     def num_trials(self) -> int:
@@ -86,13 +89,34 @@ def build_sweep_plan(path: str | Path, overrides: dict | None = None) -> SweepPl
     # every trial config must load and fit the model before anything starts
     if spec.sweep.search == "random":
         _check_trials(plan, source, configs)
-        if spec.sweep.gpu_memory_gb:
-            plan.sizes = _sizes(plan, source)
     else:  # optuna: each strategy choice with the base settings, and a sample of the space it proposes from
         probes = dataclasses.replace(spec, sweep=dataclasses.replace(spec.sweep, num_samples=OPTUNA_PROBES))
         names = next((d.values for d in spec.space if d.key == "strategy.name"), [])
         _check_trials(plan, source, [{"strategy.name": n} for n in names] + sample_configs(probes, is_vlm))
+    if spec.sweep.gpu_memory_gb not in (None, "auto"):  # auto: size_for_cluster, once connected
+        size_for(plan, {None: float(spec.sweep.gpu_memory_gb)}, source)
     return plan
+
+
+def size_for_cluster(plan: SweepPlan, gpu_types: dict[str, str]) -> None:
+    """``sweep.gpu_memory_gb: auto``: size the trials against the GPU types the connected cluster has or can add
+    ({type: where seen}, from ``ray_env.cluster_gpu_types``)."""
+    if not gpu_types:
+        raise SpaceError(f"{plan.spec.path or plan.spec.name}: sweep.gpu_memory_gb = auto, but no node of this cluster "
+                         "(nor a node type its autoscaler can add) declares a GPU type (Ray's accelerator_type:<type> "
+                         "resource, which Ray sets on GPU nodes it detects, and cluster.yaml declares per node type); "
+                         "set sweep.gpu_memory_gb to the GPUs' memory in GB.")
+    gpus = gpu_memory_of(gpu_types, "the cluster")
+    log.info("sizing trials against the cluster's GPUs: %s",
+             ", ".join(f"{t} {gb:g} GB ({gpu_types[t]})" for t, gb in sorted(gpus.items(), key=lambda kv: kv[1])))
+    size_for(plan, gpus)
+
+
+def size_for(plan: SweepPlan, gpus: dict[str | None, float], source: str | None = None) -> None:
+    """Every configuration's resources from its plan (random search; optuna's trials are sized as they start)."""
+    plan.gpus = gpus
+    if plan.spec.sweep.search == "random":
+        plan.sizes = _sizes(plan, source or skeleton_source(plan.base))
 
 
 def _sizes(plan: SweepPlan, source: str) -> list[TrialSize]:
@@ -106,19 +130,17 @@ def _sizes(plan: SweepPlan, source: str) -> list[TrialSize]:
             key = _structure_key(cfg)
             if key not in plans:
                 plans[key] = skeleton_plan(source, cfg)
-            sized[shape] = size_trial(plans[key], cfg, plan.spec.sweep.gpu_memory_gb,
-                                      plan.spec.sweep.max_workers_per_trial, f"#{i}")
+            sized[shape] = size_trial(plans[key], cfg, plan.gpus, plan.spec.sweep.max_workers_per_trial, f"#{i}")
         sizes.append(sized[shape])
     return sizes
 
 
 def sized_config(plan: SweepPlan, cfg: RunConfig, config_index: int | None, model_path: str, name: str) -> RunConfig:
     """A trial's config with the resources its plan asks for (sweep.gpu_memory_gb); as written without it."""
-    if not plan.spec.sweep.gpu_memory_gb:
+    if not plan.gpus:
         return cfg
     size = (plan.sizes[config_index] if plan.sizes is not None and config_index is not None else
-            size_trial(skeleton_plan(model_path, cfg), cfg, plan.spec.sweep.gpu_memory_gb,
-                       plan.spec.sweep.max_workers_per_trial, name))
+            size_trial(skeleton_plan(model_path, cfg), cfg, plan.gpus, plan.spec.sweep.max_workers_per_trial, name))
     return apply_size(cfg, size, plan.spec.sweep.gpu_resource)
 
 
@@ -194,8 +216,11 @@ def describe(plan: SweepPlan) -> str:
     r = s.resources
     gpus = r.per_worker().get("GPU")
     if s.gpu_memory_gb:
-        lines.append(f"per trial: sized from its plan against {s.gpu_memory_gb:g} GB GPUs (a share of one, or fsdp over "
-                     f"up to {s.max_workers_per_trial}), {r.cpus_per_worker} CPU per worker, {plan.base.train.epochs} "
+        against = ("the cluster's GPUs (sweep.gpu_memory_gb: auto; read when the sweep connects: give --address to "
+                   "see the sizes now)" if plan.gpus is None else
+                   ", ".join(f"{t + ' ' if t else ''}{gb:g} GB" for t, gb in plan.gpus.items()) + " GPUs")
+        lines.append(f"per trial: sized from its plan against {against} (a share of one, or fsdp over up to "
+                     f"{s.max_workers_per_trial}), {r.cpus_per_worker} CPU per worker, {plan.base.train.epochs} "
                      f"epochs; model {plan.base.model} ({'VLM' if plan.is_vlm else 'text'})")
     else:
         lines.append(f"per trial: {r.num_workers} Ray Train worker(s) x {r.cpus_per_worker} CPU"
@@ -207,9 +232,9 @@ def describe(plan: SweepPlan) -> str:
         rows = [[i] + [c.get(k) for k in keys] for i, c in enumerate(shown)]
         head = ["#"] + keys
         if plan.sizes:  # sized from each trial's plan (sweep.gpu_memory_gb)
-            head += ["GB/GPU", "parallel", "workers", "GPU share"]
+            head += ["GB/GPU", "parallel", "workers", "GPU share"] + (["GPU type"] if len(plan.gpus) > 1 else [])
             rows = [row + [f"{z.gb_per_gpu:.2f}", z.parallel, z.workers, z.gpu_share]
-                    for row, z in zip(rows, plan.sizes)]
+                    + ([z.gpu_type] if len(plan.gpus) > 1 else []) for row, z in zip(rows, plan.sizes)]
         title = "configurations drawn (- = not used by that strategy)"
         more = len(plan.configs) - len(shown)
         title += f", the first {len(shown)} of {len(plan.configs)}:" if more else ":"

@@ -107,10 +107,19 @@ def test_small_trials_share_one_gpu_and_the_large_one_has_it_alone(tmp_path, dem
     assert [(c["strategy.name"], z.gpu_share) for c, z in zip(plan.configs, plan.sizes)] == [
         ("connector_only", 0.25)] * 3 + [("full", 1.0)], need
 
-    # one CPU-less head (the sweep driver and the trial functions) and one node with 4 CPUs and one "GPU"
-    cluster = LocalRayCluster(nodes=2, cpus_per_node=4, head_cpus=0, node_resources={"fake_gpu": 1})
+    # one CPU-less head (the sweep driver and the trial functions) and one node with 4 CPUs and one "GPU", which
+    # says it is an L4 the way Ray labels a GPU it detects
+    cluster = LocalRayCluster(nodes=2, cpus_per_node=4, head_cpus=0,
+                              node_resources={"fake_gpu": 1, "accelerator_type:L4": 1})
     try:
         cluster.start()
+        # sweep.gpu_memory_gb: auto reads the GPU type off the cluster: an L4's 24 GB hold a quarter for every trial
+        auto = subprocess.run(["freezetune", "sweep", str(path), "--address", cluster.address, "--dry-run",
+                               "--set", "sweep.gpu_memory_gb=auto"], env=cluster.env, cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert auto.returncode == 0, auto.stdout[-4000:] + auto.stderr[-4000:]
+        assert "sized from its plan against L4 24 GB GPUs" in auto.stdout, auto.stdout
+        assert "sizing trials against the cluster's GPUs: L4 24 GB (node " in auto.stderr, auto.stderr[-4000:]
         with PlacementWatch(cluster, "fake_gpu") as watch:
             done = subprocess.run(["freezetune", "sweep", str(path), "--address", cluster.address],
                                   env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=900)

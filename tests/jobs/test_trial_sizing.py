@@ -1,8 +1,10 @@
 """Each sweep trial sized from its plan (`sweep.gpu_memory_gb`): a share of a GPU for small trials, fsdp over
 more GPUs for a trial no GPU holds, a refusal naming the fixes; `--dry-run` prints the sizes. (tiny-llava at
-batch 8 x 48 in fp32: connector_only needs 10.4 MB per GPU, full 15.1 MB, sharded over 2 ranks 12.9 MB.)"""
+batch 8 x 48 in fp32: connector_only peaks at 7.6 MB per GPU, full at 14.0 MB, sharded over 2 ranks 12.4 MB.)"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import yaml
@@ -72,3 +74,52 @@ def test_a_trial_runs_with_its_sized_resources(tmp_path, demo_files, model_dirs)
     # optuna draws as it goes: sized when the trial starts, from the model folder
     cfg = trial_config(plan, {"strategy.name": "full"})
     assert sized_config(plan, cfg, None, model_dirs["tiny-llava"], "t").resources.parallel == "fsdp"
+
+
+def test_on_mixed_gpus_a_trial_takes_the_smallest_that_holds_it_and_is_pinned_there(tmp_path, demo_files,
+                                                                                     model_dirs):
+    from pipelines.jobs.sweep_plan import size_for, sized_config, trial_config
+
+    plan = build_sweep_plan(_space(tmp_path, demo_files, model_dirs, "auto"))
+    assert plan.sizes is None and "read when the sweep connects" in describe(plan)
+    size_for(plan, {"big": 0.05, "small": 0.015})  # 13.5 MB usable on small: connector_only's 7.6 MB, not full's 14.0
+    by_strategy = {c["strategy.name"]: (z.gpu_type, z.parallel, z.gpu_share) for c, z in zip(plan.configs, plan.sizes)}
+    assert by_strategy == {"connector_only": ("small", "ddp", 1.0), "full": ("big", "ddp", 0.5)}
+    assert "GPU type" in describe(plan)
+    i = next(i for i, c in enumerate(plan.configs) if c["strategy.name"] == "full")
+    cfg = sized_config(plan, trial_config(plan, plan.configs[i]), i, model_dirs["tiny-llava"], "t")
+    assert cfg.resources.per_worker() == {"CPU": 1, "GPU": 0.5, "accelerator_type:big": 0.001}
+
+    size_for(plan, {"big": 0.015, "small": 0.01})  # no replica of full fits: fsdp over the fewest of the largest
+    full = next(z for c, z in zip(plan.configs, plan.sizes) if c["strategy.name"] == "full")
+    assert (full.gpu_type, full.parallel, full.workers) == ("big", "fsdp", 2)
+
+
+def test_auto_reads_the_gpu_types_of_the_cluster_and_its_node_types(tmp_path, demo_files, model_dirs, monkeypatch):
+    """cluster.yaml's node types (an A10G and an H100 type, at min_workers 0) as a `ray up` cluster's autoscaler
+    describes them, and an alive L4 node: each type's memory from Ray's accelerator names."""
+    import ray
+
+    from pipelines.jobs import ray_env
+    from pipelines.jobs.sweep_plan import size_for_cluster
+
+    cluster = yaml.safe_load((Path(__file__).resolve().parents[2] / "cluster.yaml").read_text())
+    scaler = ray_env.autoscaler_from_config(cluster, "cluster.yaml")
+    l4 = {"NodeID": "w", "Alive": True, "NodeManagerAddress": "10.0.0.7",
+          "Resources": {"CPU": 8.0, "GPU": 1.0, "accelerator_type:L4": 1.0}}
+    monkeypatch.setattr(ray, "nodes", lambda: [l4])
+    monkeypatch.setattr(ray_env, "describe_autoscaler", lambda: scaler)
+    types = ray_env.cluster_gpu_types()
+    assert types == {"L4": "node 10.0.0.7", "A10G": "node type gpu_a10g_x4 (cluster.yaml)",
+                     "H100": "node type gpu_h100_x8 (cluster.yaml)"}, types
+
+    plan = build_sweep_plan(_space(tmp_path, demo_files, model_dirs, "auto"))
+    size_for_cluster(plan, types)
+    assert plan.gpus == {"L4": 24.0, "A10G": 24.0, "H100": 80.0}
+    assert {(z.gpu_type, z.gpu_share) for z in plan.sizes} <= {("L4", 0.25), ("A10G", 0.25)}  # tiny: a quarter of 24 GB
+
+    with pytest.raises(SpaceError, match=r"GPU type\(s\) MI999, whose memory freezetune does not know.*set "
+                                         r"sweep.gpu_memory_gb"):
+        size_for_cluster(plan, {"MI999": "node 10.0.0.8"})
+    with pytest.raises(SpaceError, match=r"gpu_memory_gb = auto, but no node of this cluster .* declares a GPU type"):
+        size_for_cluster(plan, {})
