@@ -20,7 +20,7 @@ from torch import nn
 
 from strategies.config import StrategyConfig, StrategyConfigError
 from strategies.lora import lora_target_modules
-from strategies.memory import estimate_activations, estimate_memory
+from strategies.memory import estimate_activations, estimate_memory, estimate_peak
 from strategies.parts import ENCODER_PARTS, PART_NAMES, ModelParts, find_parts, part_of_unit, unit_sort_key, unwrap
 from strategies.registry import Strategy, get_strategy, trainable_units
 
@@ -167,6 +167,7 @@ class Plan:
         below = {"embeddings", "connector", "vision.embeddings"} | {u for u in units if u.startswith("vision.")}
         low = 0 if units & below else lowest("language", self.parts.num_layers)
         stored = 0 if low is None else self.parts.num_layers - low
+        trained = sum(1 for u in units if u.startswith("language.block."))
         text = _text_config(self.model)
         vision = None
         low_vision = 0 if "vision.embeddings" in units else lowest("vision", self.parts.num_vision_layers)
@@ -179,7 +180,17 @@ class Plan:
         return estimate_activations(batch=batch, length=length, hidden=text.hidden_size,
                                     intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
                                     vocab=text.vocab_size, blocks=self.parts.num_layers, stored_blocks=stored,
-                                    precision=precision, checkpointing=checkpointing, vision=vision)
+                                    trainable_blocks=trained, precision=precision, checkpointing=checkpointing,
+                                    vision=vision)
+
+    def _memory(self, trainable: set[str], precision: str, shards: int, batch: int | None, length: int | None,
+                checkpointing: bool, epoch: int) -> dict:
+        """Per-rank bytes; with a batch and length also the activations and the step's predicted peak."""
+        memory = estimate_memory(self.parts.numel, trainable, self.ever_trainable_names, precision, shards)
+        if batch and length:
+            memory["activations"] = self.activations(batch, length, precision, checkpointing, epoch)
+            memory["peak_bytes"] = estimate_peak(memory, memory["activations"])
+        return memory
 
     def summary(self, epoch: int = 1, model_name: str | None = None, precision: str = "bf16",
                 batch: int | None = None, length: int | None = None, checkpointing: bool = False,
@@ -216,9 +227,7 @@ class Plan:
             ],
             "stages": self.stages() if self.strategy.staged else [],
             "lora_targets": len(self.lora_targets),
-            "memory": {**estimate_memory(self.parts.numel, trainable, self.ever_trainable_names, precision, shards),
-                       **({"activations": self.activations(batch, length, precision, checkpointing, epoch)}
-                          if batch and length else {})},
+            "memory": self._memory(trainable, precision, shards, batch, length, checkpointing, epoch),
             "notes": self.notes() + encoder_notes,
             "warnings": list(self.parts.notes),  # what part detection was unsure about
             "encoders": {part: list(roots) for part, roots in self.parts.encoder_roots.items()},

@@ -26,14 +26,15 @@ def plan_summary(spec: str, strategy: dict, epoch: int = 1, precision: str = "bf
 
 def applicable_summaries(spec: str, strategy: dict, precision: str = "bf16", trust_remote_code=False,
                          **activations) -> list[dict]:
-    """One summary per strategy that applies to the model (skipping those that need a ranking).
+    """One summary per strategy that applies to the model (importance_top_k only when ``strategy`` holds a
+    ranking: ``importance``).
 
     A strategy that cannot decide what to do with one of the model's encoders (it asks for `strategy.parts`)
     is left out; every summary lists those under ``undecided`` (strategy -> the reason and how to decide)."""
     is_vlm = find_parts(meta_model(spec, trust_remote_code), strategy.get("parts")).is_vlm
     out, undecided = [], {}
     for name, strat in STRATEGIES.items():
-        if name == "importance_top_k" or (strat.vlm_only and not is_vlm):
+        if (name == "importance_top_k" and not strategy.get("importance")) or (strat.vlm_only and not is_vlm):
             continue  # importance_top_k needs a ranking from `freezetune analyze`
         try:
             plan = meta_plan(spec, {**strategy, "name": name}, trust_remote_code)
@@ -81,8 +82,9 @@ def render_plan(s: dict) -> str:
         lines.append(f"activations at batch {a['batch']} x {a['length']} tokens"
                      f"{' with activation checkpointing' if a['checkpointing'] else ''}: "
                      f"{human_bytes(a['activations_bytes'])} ({a['blocks_kept']} of {a['blocks']} language blocks "
-                     f"keep activations; logits {human_bytes(a['logits_bytes'])}) -> about "
-                     f"{human_bytes(m['total_bytes'] + a['activations_bytes'])} in all")
+                     f"keep activations; logits {human_bytes(a['logits_bytes'])}) -> a peak of about "
+                     f"{human_bytes(m['peak_bytes'])} per step (weights, AdamW state, and the largest of activations, "
+                     "a block's forward, gradients at the optimizer step)")
     lines += [f"note: {n}" for n in s["notes"]]
     extra = {p: roots for p, roots in s.get("encoders", {}).items() if p != "vision"}
     if extra:
@@ -99,11 +101,10 @@ def render_strategies(summaries: list[dict]) -> str:
         trained = [p for p in PART_NAMES if s["parts"][p]["trainable"]]
         rows.append([s["strategy"], s.get("letter") or "", s["trainable_params"], f"{s['trainable_share']:.1%}",
                      ", ".join(trained), human_bytes(s["memory"]["total_bytes"]),
-                     human_bytes(s["memory"]["total_bytes"] + s["memory"].get("activations", {}).get(
-                         "activations_bytes", 0)) if s["memory"].get("activations") else "-"])
+                     human_bytes(s["memory"]["peak_bytes"]) if "peak_bytes" in s["memory"] else "-"])
     title = f"Strategies for {summaries[0]['model']} ({summaries[0]['total_params']:,} params)" if summaries else ""
     table = format_table(["strategy", "id", "trainable", "share", "parts trained", "per GPU before activations",
-                          "with activations"], rows, title=title)
+                          "peak with activations"], rows, title=title)
     undecided = summaries[0].get("undecided", {}) if summaries else {}
     return "\n".join([table, *(f"{name}: needs `strategy.parts` on this model: {why}"
                                for name, why in undecided.items())])

@@ -128,7 +128,7 @@ def choose_parallel(cfg: RunConfig, plan: Plan, env: WorkerEnv, device_bytes: in
         device_bytes = torch.cuda.get_device_properties(env.device).total_memory
     memory = plan.summary(epoch=plan.num_stages, precision=cfg.train.precision, batch=cfg.train.batch_size,
                           length=cfg.data.max_length, checkpointing=cfg.train.activation_checkpointing)["memory"]
-    need = memory["total_bytes"] + memory["activations"]["activations_bytes"]
+    need = memory["peak_bytes"]
     choice = "fsdp" if need > 0.9 * device_bytes else "ddp"
     if env.rank == 0:
         log.info("resources.parallel = auto: a replica needs %s (plan), the GPU has %s: %s", human_bytes(need),
