@@ -18,6 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="micro-batch size per GPU for the activation estimate")
     p.add_argument("--length", type=int, default=512, help="tokens per example for the activation estimate")
     p.add_argument("--out", default="recommended_space.yaml", help="where the tune space is written")
+    p.add_argument("--importance", metavar="RUN_ID|FILE", help="a layer-importance ranking: the MLflow run id of a "
+                   "`freezetune analyze` run (MLFLOW_TRACKING_URI) or its ranking.json; ranks importance_top_k")
+    p.add_argument("--importance-measure", default="ablation", help="the ranking's measure: ablation, influence, "
+                   "grad_norm or fisher")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--trust-remote-code", action="store_true")
 
@@ -35,9 +39,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--gpu-memory-gb {args.gpu_memory_gb}: give one GPU's memory in GB, e.g. 80.")
     if not Path(args.data).is_file():
         raise ValueError(f"--data {args.data}: no such file; give a .jsonl, .json or .parquet data file.")
+    importance = None
+    if args.importance:
+        from pipelines.jobs.importance import resolve_importance  # lazy: Ray and MLflow, only with --importance
+
+        source = str(Path(args.importance).resolve()) if Path(args.importance).is_file() else args.importance
+        importance = {"source": source, "measure": args.importance_measure,
+                      "ranking": resolve_importance(source, args.importance_measure)}
     processor = load_processor(resolve_model_path(args.model), trust_remote_code=args.trust_remote_code)
     result = recommend.recommend(args.model, args.data, processor, args.gpu_memory_gb, args.precision,
-                                 args.batch_size, args.length, args.trust_remote_code)
+                                 args.batch_size, args.length, args.trust_remote_code, importance)
     Path(args.out).write_text("# freezetune sweep " + args.out + " --dry-run   (written by freezetune recommend)\n"
                               + yaml.safe_dump(result["space"], sort_keys=False))
     if args.json:
