@@ -2,8 +2,9 @@
 
 With ``sweep.gpu_memory_gb`` set (the memory of the GPUs trials run on, or ``auto``: the GPU types the cluster has or
 its autoscaler can add, read from Ray's ``accelerator_type:<type>`` resources), every trial's per-GPU bytes come from
-its meta-device plan at its largest stage (weights by dtype, gradients, AdamW state, activations at the
-configured batch and length, with or without activation checkpointing), and decide:
+its meta-device plan at its largest stage: the predicted peak (``strategies.memory.estimate_peak``: weights by dtype,
+AdamW state, and the largest of the activations at the configured batch and length, with or without activation
+checkpointing, a block's forward, and the gradients at the optimizer step), and decide:
 
 - the smallest share of a GPU among ``GPU_SHARES`` that holds a replica within ``HEADROOM`` of it: several
   small trials (a connector-only A) then share one GPU (Ray fractional GPUs), each worker its share;
