@@ -164,10 +164,17 @@ class Resources:
 class MlflowSettings:
     tracking_uri: str | None = _f(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     experiment: str = _f("freezetune", "MLflow experiment name")
+    system_metrics_every_s: float = _f(10.0, "per-node system metrics (CPU, memory, disk, network, NVIDIA GPUs) "
+                                             "sampled this often by the first worker on each node, as "
+                                             "system/<node>/...; 0: none")
 
     def validate(self, where: str = "mlflow") -> None:
         if not self.experiment.strip():
             raise ConfigError(f"{where}.experiment is empty: set an experiment name, e.g. freezetune.")
+        every = self.system_metrics_every_s
+        if isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0 or every == float("inf"):
+            raise ConfigError(f"{where}.system_metrics_every_s = {every!r}: give seconds between samples (e.g. 10), "
+                              "or 0 for no system metrics.")
         problem = paths.tracking_scheme_problem(self.tracking_uri) if self.tracking_uri is not None else None
         if problem:
             raise ConfigError(f"{where}.tracking_uri {problem}.")

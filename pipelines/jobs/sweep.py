@@ -32,7 +32,7 @@ from pipelines.jobs import ray_env
 from pipelines.jobs.callbacks import SweepMlflowCallback
 from pipelines.jobs.importance import trial_importance
 from pipelines.jobs.preflight import check_cluster_reach, fresh_name, prepare
-from pipelines.jobs.sweep_plan import (SWEEP_KEY_TAG, SweepPlan, build_sweep_plan, describe, size_for_cluster,
+from pipelines.jobs.sweep_plan import (SWEEP_KEY_TAG, TRIAL_KEY_TAG, SweepPlan, build_sweep_plan, describe, size_for_cluster,
                                        sized_config, trial_config, trial_settings)
 from pipelines.jobs.trainer import make_trainer
 from pipelines.jobs.trial_sizing import apply_size
@@ -49,8 +49,9 @@ log = logging.getLogger("freezetune.sweep")
 TRIAL_DRIVER = {ray_env.HEAD_RESOURCE: 0.001}
 
 
-def run_trial(config: dict, plan: SweepPlan, model_path: str, trials_storage: str) -> None:
+def run_trial(config: dict, plan: SweepPlan, model_path: str, sweep_dir: str) -> None:
     """One Tune trial = one TorchTrainer, named after the trial so a restarted trial finds its checkpoints."""
+    trials_storage = storage_fs.join(sweep_dir, "trials")
     overrides, seed_index = trial_settings(config, plan.configs)
     trial_id = tune.get_context().get_trial_id()
     cfg = sized_config(plan, trial_config(plan, overrides, seed_index), config.get("config_index"), model_path, trial_id)
@@ -60,8 +61,10 @@ def run_trial(config: dict, plan: SweepPlan, model_path: str, trials_storage: st
     when, trial_dir = cfg.analysis.importance, os.path.join(local_trials, trial_id)
     if when in ("before", "both"):
         trial_importance(cfg, model_path, "before", trial_dir)
+    # the trial's MLflow run (the driver's callback creates it): found by the key the callback tags it with
+    run_key = (cfg.mlflow.experiment, TRIAL_KEY_TAG, storage_fs.join(sweep_dir, trial_id))
     result = make_trainer(cfg, model_path, trial_id, [TuneReportCallback()], trials_storage,
-                          score=(plan.spec.sweep.metric, plan.spec.sweep.mode)).fit()
+                          score=(plan.spec.sweep.metric, plan.spec.sweep.mode), run_key=run_key).fit()
     if when in ("after", "both") and result.checkpoint is not None:
         trial_importance(cfg, model_path, "after", trial_dir, checkpoint=result.checkpoint.path)
 
@@ -120,8 +123,7 @@ def run_sweep(path: str | Path, address: str | None = None, resume: bool = False
         # The trial function only drives; its TorchTrainer's workers hold the real resources. It takes no CPU
         # (TRIAL_DRIVER) and lives on the head node, so its process (imports, memory) stays off the worker nodes.
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, plan=plan, model_path=prep.model_path,
-                                 trials_storage=storage_fs.join(sweep_dir, "trials")),
+            tune.with_parameters(run_trial, plan=plan, model_path=prep.model_path, sweep_dir=sweep_dir),
             tune.PlacementGroupFactory([TRIAL_DRIVER]),
         )
         if resume:

@@ -104,7 +104,7 @@ def run_training(cfg: RunConfig, address: str | None = None, resume: bool = Fals
         epochs_logger = TrainEpochLogger(uri, run.run_id, storage)
         if run.resumed:
             epochs_logger.backfill(persisted_epochs(run_dir))
-        trainer = make_trainer(cfg, prep.model_path, run_name, [epochs_logger], storage)
+        trainer = make_trainer(cfg, prep.model_path, run_name, [epochs_logger], storage, run_id=run.run_id)
         # importance files are written and read as local files: beside the run, or in a local folder of that name
         local_run_dir = run_dir if not is_uri(storage) else os.path.join(storage_root(), run_name)
         when, analysis_dir = cfg.analysis.importance, os.path.join(local_run_dir, "importance")

@@ -14,15 +14,23 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from pipelines.config.run import RunConfig
+from pipelines.tracking.system_metrics import MetricsTarget
 from pipelines.training.worker import train_loop_per_worker
 
 
 def make_trainer(cfg: RunConfig, model_path: str, run_name: str, callbacks: list, storage_path: str, loop=None,
-                 extra_loop_config: dict | None = None, score: tuple[str, str] = ("eval_loss", "min")) -> TorchTrainer:
+                 extra_loop_config: dict | None = None, score: tuple[str, str] = ("eval_loss", "min"),
+                 run_id: str | None = None, run_key: tuple[str, str, str] | None = None) -> TorchTrainer:
     """A TorchTrainer running ``loop`` (default: the shipped worker loop) on ``cfg.resources.num_workers``
     workers; the same name in the same storage continues the same run on restart. Of the epoch checkpoints,
-    the best by ``score`` (metric, mode) is kept as well as the latest (Ray keeps the latest for resume)."""
+    the best by ``score`` (metric, mode) is kept as well as the latest (Ray keeps the latest for resume).
+    ``run_id`` (or ``run_key``: how the workers find the run another process creates): the MLflow run each
+    node's system metrics go to (``mlflow.system_metrics_every_s``)."""
     res = cfg.resources
+    every = cfg.mlflow.system_metrics_every_s
+    if every and (run_id or run_key):
+        target = MetricsTarget(cfg.tracking_uri, every, run_id=run_id, run_key=run_key)
+        extra_loop_config = {**(extra_loop_config or {}), "system_metrics": target.to_dict()}
     return TorchTrainer(
         loop or train_loop_per_worker,
         train_loop_config={"run": cfg.to_dict(), "model_path": model_path,

@@ -75,6 +75,7 @@ def test_sweep_job_on_a_two_node_cluster(tmp_path, demo_files, model_dirs):
             "base.storage_path": str(tmp_path / "runs"), "base.cache_dir": str(tmp_path / "cache"),
             "base.mlflow.tracking_uri": server.uri, "base.mlflow.experiment": "cluster-e2e",
             "sweep.max_concurrent_trials": 2, "sweep.scheduler.type": "fifo",
+            "base.mlflow.system_metrics_every_s": 2,
         }
         cmd = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
                "--", "freezetune", "sweep", "tune_spaces/demo.yaml"]
@@ -101,6 +102,13 @@ def test_sweep_job_on_a_two_node_cluster(tmp_path, demo_files, model_dirs):
         head = cluster.head_node_id()
         workers = {run.data.tags["node_id"] for run in children}
         assert head not in workers and len(workers) == 1, f"trials trained on {workers}; the head is {head}"
+        # MLflow's system metrics, sent by the node that trained each trial (found by the trial's key tag)
+        (node,) = workers
+        for run in children:
+            sampled = {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")}
+            assert len(sampled) == 1 and sampled.pop().endswith("_" + node[:8]), run.data.metrics.keys()
+            for key in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+                assert any(k.endswith("/" + key) for k in run.data.metrics), (key, run.data.metrics.keys())
     finally:
         cluster.stop()
         server.stop()

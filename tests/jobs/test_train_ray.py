@@ -42,6 +42,7 @@ def test_two_worker_run_learns_and_is_logged(ray_session, workdir, demo_files, m
     root = workdir / f"run-{strategy['name']}"
     config = vlm_config(root, demo_files, model_dirs["tiny-llava"], strategy)
     config["train"]["report_every"] = 2  # 4 optimizer steps an epoch (64 records, 2 workers x 8): mid-epoch reports
+    config["mlflow"]["system_metrics_every_s"] = 1
     cfg = run_config_from_dict(config)
     result = run_training(cfg)
     uri, run_id = cfg.tracking_uri, result["run_id"]
@@ -59,6 +60,12 @@ def test_two_worker_run_learns_and_is_logged(ray_session, workdir, demo_files, m
     assert dict(tracking.metric_history(uri, run_id, "step/eval_loss"))[12] == eval_curve[-1][1]  # the full eval
     assert any(k.startswith("lr/") for k in run.data.metrics)
     assert "pid" not in run.data.metrics and "timestamp" not in run.data.metrics
+    # MLflow's system metrics from the one node both workers ran on (its first worker samples them)
+    nodes = {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")}
+    assert len(nodes) == 1, run.data.metrics.keys()
+    node = nodes.pop()
+    for key in ("cpu_utilization_percentage", "system_memory_usage_megabytes", "disk_usage_megabytes"):
+        assert tracking.metric_history(uri, run_id, f"system/{node}/{key}"), key
     assert run.data.params["strategy.name"] == strategy["name"]
     assert run.data.params["train.epochs"] == "3"
     assert run.data.tags["strategy"] == strategy["name"]
