@@ -85,6 +85,7 @@ DESCRIPTION = ("freezetune benchmarks: Ray Train overhead, what freezing saves, 
                "stopping, the data cache (and a GPU when there is one), measured against the targets; writes "
                "OUT/bench.json and OUT/bench.md")
 TIMEOUT_S = {"quick": 420, "full": 1200}  # per benchmark: a hung Ray run must not hang CI
+LONGER_FULL_TIMEOUT_S = {"early_stopping": 2400}  # two whole sweeps of trials long enough for ASHA to pay
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,7 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, metavar="NAME",
                    help=f"run only these: {', '.join(BENCHMARKS)}")
     p.add_argument("--timeout", type=float, help="seconds one benchmark may take before it is stopped "
-                   f"(default {TIMEOUT_S['full']}, quick {TIMEOUT_S['quick']})")
+                   f"(default {TIMEOUT_S['full']}, quick {TIMEOUT_S['quick']}; full early_stopping "
+                   f"{LONGER_FULL_TIMEOUT_S['early_stopping']})")
     p.add_argument("--keep-workdir", action="store_true", help="keep the scratch folder (models, data, Ray runs)")
     p.add_argument("--verbose", action="store_true", help="Ray workers' logs on stderr too")
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one benchmark in this process
@@ -200,7 +202,8 @@ def run_args(args: argparse.Namespace) -> int:
         for name in names:
             t0 = time.perf_counter()
             log(f"=== {name}")
-            result = run_child(name, args, workdir, timeout)
+            limit = args.timeout or (timeout if args.quick else LONGER_FULL_TIMEOUT_S.get(name, timeout))
+            result = run_child(name, args, workdir, limit)
             got = [Figure(**f) for f in result["figures"]]
             if result["status"] != "ok":
                 err = figure(f"{name}.error", f"{name} did not complete", None, "", "the benchmark raised or timed out",

@@ -1,9 +1,9 @@
 """(4) Early stopping pays: the demo sweep with ASHA vs FIFO — wall-time ratio and whether the best trial is the same.
 
-``pipelines.jobs.sweep.run_sweep("tune_spaces/demo.yaml", overrides=...)``, unchanged but for: ``num_samples`` (8;
+``pipelines.jobs.sweep.run_sweep("tune_spaces/demo.yaml", overrides=...)``, unchanged but for: ``num_samples`` (12;
 quick: 2), the scheduler, a fresh storage path and SQLite MLflow store, and — so no pre-training runs here —
 ``base.model`` = a materialised tiny-llava and ``base.data`` = demo data generated here (the demo's task,
-4096 train + 64 eval records; quick: 32 + 16 and 2 epochs), reports every eighth of an epoch
+6144 train + 64 eval records; quick: 32 + 16 and 2 epochs), reports every eighth of an epoch
 (``train.report_every``: 24 reports a trial) and ASHA's grace period an eighth of an epoch: trials that run many
 report intervals, so ASHA decides inside epochs, at rungs 1/8, 1/4, 1/2, 1 and 2 epochs. Random search with the
 file's ``search_seed`` draws the same configurations for both sweeps, so they run the same trials. Wall time: the whole ``run_sweep`` call (what a user waits for;
@@ -81,8 +81,8 @@ def run(ctx) -> list:
 
     space = yaml.safe_load((ctx.root / "tune_spaces" / "demo.yaml").read_text())
     asha = {**space["sweep"]["scheduler"], "type": "asha", "grace_period": 1 / REPORTS_PER_EPOCH}
-    n, epochs = (2, 2) if ctx.quick else (8, None)
-    records = (32, 16) if ctx.quick else (4096, 64)
+    n, epochs = (2, 2) if ctx.quick else (12, None)
+    records = (32, 16) if ctx.quick else (6144, 64)
     files = ctx.demo_data(*records)
     steps_per_epoch = -(-records[0] // BATCH)
     e = epochs or space["base"]["train"]["epochs"]
