@@ -28,6 +28,8 @@ REQUIRED = {
     "freeze.vlm.all_lora.time_ratio": "theory",
     "freeze.text.full.peak_memory_mib": "—",
     "freeze.vlm.all_lora.peak_memory_mib": "—",
+    "freeze.text.full.peak_prediction": "15%",
+    "freeze.vlm.connector_only.peak_prediction": "15%",
     "freeze.optimizer_state_exact": "(all)",
     "trial_cost.fixed_s": "≤ 8 s",
     "early_stopping.wall_ratio": "≤ 0.5×",
