@@ -32,8 +32,8 @@ from pipelines.jobs import ray_env
 from pipelines.jobs.callbacks import SweepMlflowCallback
 from pipelines.jobs.importance import trial_importance
 from pipelines.jobs.preflight import check_cluster_reach, fresh_name, prepare
-from pipelines.jobs.sweep_plan import (SWEEP_KEY_TAG, TRIAL_KEY_TAG, SweepPlan, build_sweep_plan, describe, size_for_cluster,
-                                       sized_config, trial_config, trial_settings)
+from pipelines.jobs.sweep_plan import (SWEEP_KEY_TAG, TRIAL_KEY_TAG, SweepPlan, build_sweep_plan, describe,
+                                       size_for_cluster, sized_config, trial_config, trial_settings)
 from pipelines.jobs.trainer import make_trainer
 from pipelines.jobs.trial_sizing import apply_size
 from pipelines.reporting.mlflow_reader import collect

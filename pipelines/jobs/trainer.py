@@ -10,12 +10,28 @@ a new worker group, whose placement group is never freed, so the sweep's next tr
 
 from __future__ import annotations
 
+import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from pipelines.config.run import RunConfig
-from pipelines.tracking.system_metrics import MetricsTarget
+from pipelines.tracking.system_metrics import MetricsTarget, NodeMonitor
 from pipelines.training.worker import train_loop_per_worker
+
+
+def train_loop_monitored(loop_config: dict) -> None:
+    """The shipped worker loop; with ``system_metrics`` in the config, the first worker of each node also sends
+    the node's system metrics to the run (MLflow's monitor: the worker side itself never touches MLflow)."""
+    target = loop_config.get("system_metrics")
+    if not target or ray.train.get_context().get_local_rank() != 0:
+        train_loop_per_worker(loop_config)
+        return
+    node = f"{ray.util.get_node_ip_address()}_{ray.get_runtime_context().get_node_id()[:8]}"
+    monitor = NodeMonitor(MetricsTarget.from_dict(target), node)
+    try:
+        train_loop_per_worker(loop_config)
+    finally:
+        monitor.stop()
 
 
 def make_trainer(cfg: RunConfig, model_path: str, run_name: str, callbacks: list, storage_path: str, loop=None,
@@ -32,7 +48,7 @@ def make_trainer(cfg: RunConfig, model_path: str, run_name: str, callbacks: list
         target = MetricsTarget(cfg.tracking_uri, every, run_id=run_id, run_key=run_key)
         extra_loop_config = {**(extra_loop_config or {}), "system_metrics": target.to_dict()}
     return TorchTrainer(
-        loop or train_loop_per_worker,
+        loop or train_loop_monitored,
         train_loop_config={"run": cfg.to_dict(), "model_path": model_path,
                            "threads_per_worker": max(1, int(res.cpus_per_worker)), **(extra_loop_config or {})},
         scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=res.uses_gpu,

@@ -14,7 +14,6 @@ import torch
 
 from pipelines.config.loading import from_dict
 from pipelines.config.run import RunConfig
-from pipelines.tracking.system_metrics import MetricsTarget, NodeMonitor
 from pipelines.training.loop import WorkerEnv, run_loop
 
 
@@ -27,9 +26,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     cfg = from_dict(RunConfig, loop_config["run"], "run")
     with contextlib.ExitStack() as stack:
-        if loop_config.get("system_metrics") and ctx.get_local_rank() == 0:  # one monitor per node
-            node = f"{ray.util.get_node_ip_address()}_{ray.get_runtime_context().get_node_id()[:8]}"
-            stack.callback(NodeMonitor(MetricsTarget.from_dict(loop_config["system_metrics"]), node).stop)
         resume_dir = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
         env = WorkerEnv(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                         device=ray.train.torch.get_device(), resume_dir=resume_dir)
