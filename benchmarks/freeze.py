@@ -261,7 +261,8 @@ def _build_and_warm(c: dict, bases: dict, batches: dict, ctx: dict) -> dict:
     optimizer = torch.optim.AdamW(plan.param_groups(), betas=(0.9, 0.999), eps=1e-8)
     batch = batches[c["kind"]]
     b, t = batch["input_ids"].shape
-    predicted = plan.summary(epoch=c["epoch"], precision=ctx["precision"], batch=b, length=t)["memory"]
+    predicted = plan.summary(epoch=c["epoch"], precision=ctx["precision"], batch=b, length=t,
+                             device=ctx["device"].type)["memory"]
     reset, read = ctx["memory"]
     before = reset()
     t0 = time.perf_counter()

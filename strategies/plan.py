@@ -20,7 +20,7 @@ from torch import nn
 
 from strategies.config import StrategyConfig, StrategyConfigError
 from strategies.lora import lora_target_modules
-from strategies.memory import estimate_activations, estimate_memory, estimate_peak
+from strategies.memory import DROPOUT_MASK_BYTES, estimate_activations, estimate_memory, estimate_peak
 from strategies.parts import ENCODER_PARTS, PART_NAMES, ModelParts, find_parts, part_of_unit, unit_sort_key, unwrap
 from strategies.registry import Strategy, get_strategy, trainable_units
 
@@ -41,13 +41,14 @@ class GroupSpec:
 
 class Plan:
     def __init__(self, model: nn.Module, parts: ModelParts, config: StrategyConfig, strategy: Strategy,
-                 adapter_names: set[str], lora_targets: list[str]):
+                 adapter_names: set[str], lora_targets: list[str], lora_in_features: dict[str, int] | None = None):
         self.model = model
         self.parts = parts
         self.config = config
         self.strategy = strategy
         self.adapter_names = adapter_names  # LoRA parameters (peft marks exactly these trainable)
         self.lora_targets = lora_targets
+        self.lora_in_features = lora_in_features or {}  # target module -> input width (its activation cost)
 
     # --- what trains -------------------------------------------------------
     @property
@@ -153,7 +154,7 @@ class Plan:
         return notes
 
     def activations(self, batch: int, length: int, precision: str = "bf16", checkpointing: bool = False,
-                    epoch: int = 1) -> dict:
+                    epoch: int = 1, device: str = "cuda") -> dict:
         """``strategies.memory.estimate_activations`` for this model and what trains at ``epoch``: blocks at or
         above the lowest one whose output needs a gradient keep activations; lower frozen blocks keep none."""
         units = self.units_at(epoch) | {self.parts.unit_of[n] for n in self.adapter_names}
@@ -168,6 +169,8 @@ class Plan:
         low = 0 if units & below else lowest("language", self.parts.num_layers)
         stored = 0 if low is None else self.parts.num_layers - low
         trained = sum(1 for u in units if u.startswith("language.block."))
+        full_units = self.units_at(epoch)
+        adapter_only = {u for u in units if u.startswith("language.block.")} - full_units
         text = _text_config(self.model)
         vision = None
         low_vision = 0 if "vision.embeddings" in units else lowest("vision", self.parts.num_vision_layers)
@@ -177,25 +180,60 @@ class Plan:
             vision = {"tokens": (size // patch) ** 2 + 1, "hidden": getattr(vc, "hidden_size", 0),
                       "intermediate": getattr(vc, "intermediate_size", 0),
                       "stored_blocks": self.parts.num_vision_layers - low_vision}
+
+        def above_lowest(unit: str) -> bool:
+            """Whether ``unit``'s input needs a gradient: something trainable lies below it."""
+            if unit.startswith("language.block."):
+                return low is not None and int(unit.rsplit(".", 1)[1]) >= low
+            if unit == "head":
+                return stored > 0
+            if unit.startswith("vision.block."):
+                return low_vision is not None and int(unit.rsplit(".", 1)[1]) >= low_vision
+            return unit == "connector" and low_vision is not None
+
+        def kept(unit: str) -> bool:
+            """Whether autograd keeps what ``unit`` saves: its input needs a gradient, and it is not a block
+            that activation checkpointing recomputes."""
+            return above_lowest(unit) and not (checkpointing and ".block." in unit)
+
+        # autocast's low-precision copies of trained weights, which autograd keeps where the input needs a
+        # gradient (embeddings are looked up, not cast); LoRA inputs counted on the language side only
+        copied = sum(self.parts.numel[n] for n, u in self.parts.unit_of.items()
+                     if (u in full_units or n in self.adapter_names) and kept(u))
+        target_units = {t: self.parts.unit_of.get(self._param_of(t), "") for t in self.lora_in_features}
+        lora_inputs = sum(width for t, width in self.lora_in_features.items()
+                          if target_units[t].startswith("language.") and kept(target_units[t]))
+        heads = getattr(text, "num_attention_heads", None)
+        head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
         return estimate_activations(batch=batch, length=length, hidden=text.hidden_size,
                                     intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
                                     vocab=text.vocab_size, blocks=self.parts.num_layers, stored_blocks=stored,
                                     trainable_blocks=trained, precision=precision, checkpointing=checkpointing,
-                                    vision=vision)
+                                    vision=vision, kv_hidden=kv_heads * head_dim if head_dim else None,
+                                    lora_inputs=lora_inputs,
+                                    dropout_mask_bytes=DROPOUT_MASK_BYTES[device] if self.config.lora_dropout else 0,
+                                    copied_weights=copied, adapter_blocks=len(adapter_only))
+
+    def _param_of(self, target: str) -> str:
+        """The name ``parts.unit_of`` knows a LoRA target module's base weight by."""
+        return next((n for n in self.parts.unit_of if n.endswith(f"{target}.base_layer.weight")
+                     or n.endswith(f"{target}.weight")), "")
 
     def _memory(self, trainable: set[str], precision: str, shards: int, batch: int | None, length: int | None,
-                checkpointing: bool, epoch: int) -> dict:
+                checkpointing: bool, epoch: int, device: str) -> dict:
         """Per-rank bytes; with a batch and length also the activations and the step's predicted peak."""
         memory = estimate_memory(self.parts.numel, trainable, self.ever_trainable_names, precision, shards)
         if batch and length:
-            memory["activations"] = self.activations(batch, length, precision, checkpointing, epoch)
+            memory["activations"] = self.activations(batch, length, precision, checkpointing, epoch, device)
             memory["peak_bytes"] = estimate_peak(memory, memory["activations"])
         return memory
 
     def summary(self, epoch: int = 1, model_name: str | None = None, precision: str = "bf16",
                 batch: int | None = None, length: int | None = None, checkpointing: bool = False,
-                shards: int = 1) -> dict:
-        """The ``--json`` view: one object per plan (see README); ``shards``: per-rank memory under FSDP."""
+                shards: int = 1, device: str = "cuda") -> dict:
+        """The ``--json`` view: one object per plan (see README); ``shards``: per-rank memory under FSDP;
+        ``device``: the device type the run trains on (``cuda``, what sweeps size for, or ``cpu``)."""
         trainable = set(self.trainable_names(epoch))
         parts = {p: {"params": 0, "trainable": 0} for p in PART_NAMES}
         for name, unit in self.parts.unit_of.items():
@@ -227,7 +265,7 @@ class Plan:
             ],
             "stages": self.stages() if self.strategy.staged else [],
             "lora_targets": len(self.lora_targets),
-            "memory": self._memory(trainable, precision, shards, batch, length, checkpointing, epoch),
+            "memory": self._memory(trainable, precision, shards, batch, length, checkpointing, epoch, device),
             "notes": self.notes() + encoder_notes,
             "warnings": list(self.parts.notes),  # what part detection was unsure about
             "encoders": {part: list(roots) for part, roots in self.parts.encoder_roots.items()},
@@ -267,10 +305,12 @@ def build_plan(model: nn.Module, config: StrategyConfig | dict) -> Plan:
 
     adapter_names: set[str] = set()
     targets: list[str] = []
+    in_features: dict[str, int] = {}
     if strategy.lora_sides:
         from peft import LoraConfig, get_peft_model
 
         targets = lora_target_modules(model, parts, strategy.lora_sides, cfg.lora_targets)
+        in_features = {t: _in_features(model.get_submodule(t)) for t in targets}
         conv1d = any(type(model.get_submodule(t)).__name__ == "Conv1D" for t in targets)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=targets, bias="none", fan_in_fan_out=conv1d)
@@ -278,7 +318,7 @@ def build_plan(model: nn.Module, config: StrategyConfig | dict) -> Plan:
         adapter_names = {n for n, p in model.named_parameters() if p.requires_grad}
         parts = find_parts(model, cfg.parts)
 
-    plan = Plan(model, parts, cfg, strategy, adapter_names, targets)
+    plan = Plan(model, parts, cfg, strategy, adapter_names, targets, in_features)
     if not plan.ever_trainable_names:
         raise StrategyConfigError(
             f"strategy {strategy.name!r} trains no parameter of {type(model).__name__} "
@@ -287,6 +327,13 @@ def build_plan(model: nn.Module, config: StrategyConfig | dict) -> Plan:
         )
     plan.apply(1)
     return plan
+
+
+def _in_features(module: nn.Module) -> int:
+    """A linear layer's input width (``nn.Linear`` or GPT-2's ``Conv1D``, whose weight is (in, out))."""
+    if hasattr(module, "in_features"):
+        return int(module.in_features)
+    return int(module.weight.shape[0])
 
 
 def _text_config(model: nn.Module):

@@ -127,7 +127,8 @@ def choose_parallel(cfg: RunConfig, plan: Plan, env: WorkerEnv, device_bytes: in
             return "ddp"  # CPU workers: no device memory to run out of before the host's
         device_bytes = torch.cuda.get_device_properties(env.device).total_memory
     memory = plan.summary(epoch=plan.num_stages, precision=cfg.train.precision, batch=cfg.train.batch_size,
-                          length=cfg.data.max_length, checkpointing=cfg.train.activation_checkpointing)["memory"]
+                          length=cfg.data.max_length, checkpointing=cfg.train.activation_checkpointing,
+                          device=env.device.type)["memory"]
     need = memory["peak_bytes"]
     choice = "fsdp" if need > 0.9 * device_bytes else "ddp"
     if env.rank == 0:
