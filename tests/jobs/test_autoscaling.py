@@ -3,13 +3,11 @@ multi-node provider, which launches real raylets on this machine as the cluster'
 
 The cluster (tests/jobs/fake_cluster.yaml) has a CPU head and a worker type `fake_gpu_worker` ({CPU: 1,
 fake_gpu: 1}, min_workers 0, max_workers 2). It starts the way Ray's own AutoscalingCluster starts one:
-`RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...`. `ray up` cannot start it with Ray 2.60's wheel:
-with `provider.type: fake_multinode` it fails on the provider's defaults file, which the wheel does not ship
-(FileNotFoundError: .../fake_multi_node/example.yaml); with the same class as an external provider it fails on the
-head node (the provider reports a head without a launch hash, `ray up` replaces it, and terminating it raises
-KeyError: 'node'); `ray up` works only with the Docker variant, fake_multinode_docker (no Docker daemon here).
-`ray down` fails the same way (a new provider object knows only a head it did not start), so teardown kills exactly
-this cluster's processes, the worker nodes the autoscaler launched included.
+`RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...`, with Ray's stock provider class, which `ray up`
+cannot drive (Ray 2.60's wheel lacks its defaults file, and `ray up` fails on its head node); teardown kills exactly
+this cluster's processes, the worker nodes the autoscaler launched included. The same kind of cluster through
+`ray up` / `ray down` is deploy/local-cluster.yaml, whose provider (pipelines/jobs/local_cluster_provider.py) fills
+those gaps: tests/jobs/test_ray_up.py runs the README's cluster flow on it.
 
 Everything Ray runs in a subprocess (tests/jobs/autoscaling_driver.py): pytest's own process may hold the session's
 Ray instance. The last tests check the same decision on the shipped cluster.yaml and on node groups published to
