@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 FROZEN_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # per frozen parameter, in the compute dtype
 TRAINABLE_WEIGHT, GRAD, ADAM_STATE, ADAM_STEP = 4, 4, 8, 4  # fp32 weight, grad, exp_avg + exp_avg_sq; step/tensor
 LOSS_CHUNK_ELEMENTS = 2**24  # the chunked loss's fp32 chunk (pipelines.training.step.CHUNK_ELEMENTS)
-DROPOUT_MASK_BYTES = {"cuda": 1, "cpu": 4}  # what autograd keeps per value of a dropout: a bool mask, or a float one
+DROPOUT_MASK_BYTES = {"cuda": 1, "cpu": 4}  # per dropout value, autograd keeps a bool mask (CUDA) or a float one
 
 
 def estimate_memory(numel: Mapping[str, int], trainable: Iterable[str], ever_trainable: Iterable[str],

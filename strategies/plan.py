@@ -206,13 +206,14 @@ class Plan:
         heads = getattr(text, "num_attention_heads", None)
         head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        mask_bytes = DROPOUT_MASK_BYTES.get(device, 1) if self.config.lora_dropout else 0
         return estimate_activations(batch=batch, length=length, hidden=text.hidden_size,
                                     intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
                                     vocab=text.vocab_size, blocks=self.parts.num_layers, stored_blocks=stored,
                                     trainable_blocks=trained, precision=precision, checkpointing=checkpointing,
                                     vision=vision, kv_hidden=kv_heads * head_dim if head_dim else None,
                                     lora_inputs=lora_inputs,
-                                    dropout_mask_bytes=DROPOUT_MASK_BYTES[device] if self.config.lora_dropout else 0,
+                                    dropout_mask_bytes=mask_bytes,
                                     copied_weights=copied, adapter_blocks=len(adapter_only))
 
     def _param_of(self, target: str) -> str:
