@@ -121,8 +121,8 @@ def estimate_activations(*, batch: int, length: int, hidden: int, intermediate: 
     copies = tokens * lora_inputs * per_lora_input + (e * copied_weights if autocast else 0)
     return {"activations_bytes": language + vision_bytes + logits + copies, "batch": batch, "length": length,
             "checkpointing": checkpointing, "language_bytes": language, "vision_bytes": vision_bytes,
-            "logits_bytes": logits, "autocast_copies_bytes": copies, "blocks_kept": stored_blocks,
-            "blocks_trained": trainable_blocks, "blocks": blocks,
+            "logits_bytes": logits, "copies_bytes": copies,  # trained weights' casts, adapters' saved inputs
+            "blocks_kept": stored_blocks, "blocks_trained": trainable_blocks, "blocks": blocks,
             "transient_bytes": tokens * e * (9 * hidden + 4 * intermediate)}
 
 
