@@ -73,6 +73,9 @@ def lora_target_modules(model: nn.Module, parts: ModelParts, sides: tuple[str, .
 # --- a self-contained adapter: what trains besides the LoRA weights ---------------------------------------
 
 
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
 def modules_to_save(model: nn.Module, trained: list[str] | set[str]) -> tuple[list[str], list[str]]:
     """The whole modules that hold the fully trained parameters ``trained`` (names as in
     ``model.named_parameters()``, LoRA weights left out), for ``LoraConfig.modules_to_save``; and the trained
@@ -80,9 +83,10 @@ def modules_to_save(model: nn.Module, trained: list[str] | set[str]) -> tuple[li
 
     A module qualifies when every parameter in it trains; each trained parameter is covered by its largest
     qualifying ancestor below the transformers model itself (LLaVA's connector:
-    ``model.multi_modal_projector``, not its two linears). A parameter that sits directly on a module that
-    also holds frozen weights (LLaVA-NeXT's ``image_newline`` on the base model) has no such module:
-    ``modules_to_save`` works on whole modules only, so it is returned in the second list.
+    ``model.multi_modal_projector``, not its two linears) that is not a container peft cannot wrap (a
+    ``ModuleList`` is named by its members: Qwen3-VL's ``deepstack_merger_list.0``, ``.1``). A parameter that
+    sits directly on a module that also holds frozen weights (LLaVA-NeXT's ``image_newline`` on the base model)
+    has no such module: ``modules_to_save`` works on whole modules only, so it is returned in the second list.
 
     Names are relative to the unwrapped transformers model, as ``modules_to_save`` takes them. peft matches them
     as suffixes of the transformers model's module names (``key.endswith(name)``, peft 0.21), so a module whose
@@ -106,17 +110,22 @@ def modules_to_save(model: nn.Module, trained: list[str] | set[str]) -> tuple[li
     def parent(path: str) -> str | None:
         return path.rpartition(".")[0] if path else None
 
+    def wrappable(path: str) -> bool:  # peft refuses to wrap containers, which have no forward of their own
+        return not isinstance(modules[path], _CONTAINERS)
+
     chosen: set[str] = set()
     bare: list[str] = []
     for name in sorted(trained):
         owner = parent(name)
-        if owner == root or owner not in modules or not whole(owner):
+        if owner == root or owner not in modules or not whole(owner) or not wrappable(owner):
             bare.append(name)
             continue
-        path = owner
+        path = best = owner
         while (up := parent(path)) not in (None, root) and up in modules and whole(up):
             path = up
-        chosen.add(path)
+            # Qwen3-VL's DeepStack mergers: a whole ModuleList is named by its members
+            best = path if wrappable(path) else best
+        chosen.add(best)
     # keep the outermost only (one parameter's walk may stop below another one's module)
     chosen = {p for p in chosen if not any(p.startswith(q + ".") for q in chosen if q != p)}
 
