@@ -20,6 +20,23 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
+def materialize_vlm():
+    """``materialize_vlm(name, root)``: a VLM preset's folder, with its processor. Fails (never skips) with the fix
+    where transformers cannot build that processor (Qwen2-VL / Qwen3-VL without torchvision)."""
+    from pipelines.models.loading import materialize_preset
+
+    def materialize(name: str, root: Path) -> str:
+        path = materialize_preset(name, root)
+        if not (path / "processor_config.json").exists():
+            pytest.fail(f"{name} was saved without its processor: transformers builds it only with torchvision. "
+                        f"Install the torchvision matching torch (python3 -m pip install torch==2.14.1 "
+                        f"torchvision==0.29.1), then delete {path}.")
+        return str(path)
+
+    return materialize
+
+
+@pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("freezetune")
 

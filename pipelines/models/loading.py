@@ -16,12 +16,13 @@ from pathlib import Path
 
 from pipelines.config import paths
 from pipelines.models import presets
-from pipelines.models.tokenizer import IMAGE_TOKEN, build_byte_tokenizer, chat_template
+from pipelines.models.tokenizer import IMAGE_TOKEN, QWEN_IMAGE_TOKEN, build_byte_tokenizer, chat_template
 
 log = logging.getLogger(__name__)
 
-_COMPLETE = ".freezetune-complete-v2"  # written last, so a folder that has it is whole; v2: chat templates
-_STALE = ".freezetune-complete"  # an older layout of ours (no chat template, no Qwen2-VL / Idefics3 processor)
+_COMPLETE = ".freezetune-complete-v3"  # written last, so a folder that has it is whole; v3: Qwen's <|image_pad|>
+# older layouts of ours: no chat template, no Qwen2-VL / Idefics3 processor (v1); Qwen's image token as <image> (v2)
+_STALE = (".freezetune-complete", ".freezetune-complete-v2")
 MATERIALIZE_SEED = 0
 
 
@@ -69,32 +70,39 @@ def _tiny_idefics3_processor(model_config):
                              chat_template=chat_template(IMAGE_TOKEN))
 
 
-def _tiny_qwen2_vl_processor(model_config):
-    """A real ``Qwen2VLProcessor`` (dynamic resolution: patches x 1176-style rows and a (t, h, w) grid per image),
-    or None without torchvision: transformers builds the family's processor only with its video processor."""
-    from transformers import Qwen2VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+def _tiny_qwen_vl_processor(processor_class: str, video_processor_class: str):
+    """A real ``Qwen2VLProcessor`` / ``Qwen3VLProcessor`` (dynamic resolution: patches x (3 * 2 * p * p) rows and a
+    (t, h, w) grid per image), or None without torchvision: transformers builds the family's processors only with
+    their video processor, which needs it."""
 
-    try:
-        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    def build(model_config):
+        import transformers
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         vision = model_config.vision_config
         kw = dict(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
                   temporal_patch_size=vision.temporal_patch_size)
-        video = Qwen2VLVideoProcessor(**kw)
-    except (ImportError, AttributeError, ValueError) as err:
-        log.warning("tiny-qwen2-vl: no processor (%s: %s); install torchvision (the version matching torch) "
-                    "for image-text data on Qwen2-VL.", type(err).__name__, err)
-        return None
-    # 8..32 pixels a side (multiples of patch x merge = 8): 4..64 patches, 1..16 image tokens per image
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=8 * 8, max_pixels=32 * 32, **kw)
-    placeholder = "<|vision_start|>" + IMAGE_TOKEN + "<|vision_end|>"
-    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=build_byte_tokenizer(placeholder),
-                            video_processor=video, chat_template=chat_template(placeholder))
+        try:
+            video = getattr(transformers, video_processor_class)(**kw)
+        except (ImportError, AttributeError, ValueError) as err:
+            log.warning("%s: no processor (%s: %s); install torchvision (the version matching torch) for "
+                        "image-text data.", model_config.model_type, type(err).__name__, err)
+            return None
+        # 1..16 merged image tokens per image: sides of 1..4 merge units of (patch x merge) pixels
+        unit = vision.patch_size * vision.spatial_merge_size
+        image_processor = Qwen2VLImageProcessorPil(min_pixels=unit * unit, max_pixels=16 * unit * unit, **kw)
+        placeholder = "<|vision_start|>" + QWEN_IMAGE_TOKEN + "<|vision_end|>"
+        return getattr(transformers, processor_class)(
+            image_processor=image_processor, video_processor=video,
+            tokenizer=build_byte_tokenizer(placeholder, image_token=QWEN_IMAGE_TOKEN),
+            chat_template=chat_template(placeholder))
+
+    return build
 
 
 _PRESET_PROCESSORS = {"tiny-llava": _tiny_llava_processor, "tiny-idefics3": _tiny_idefics3_processor,
-                      "tiny-qwen2-vl": _tiny_qwen2_vl_processor}
+                      "tiny-qwen2-vl": _tiny_qwen_vl_processor("Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
+                      "tiny-qwen3-vl": _tiny_qwen_vl_processor("Qwen3VLProcessor", "Qwen3VLVideoProcessor")}
 
 
 def _align_special_ids(model, tokenizer) -> None:
@@ -115,9 +123,10 @@ def materialize_preset(name: str, root: str | Path) -> Path:
     """Returns ``root/name``: the preset model saved with ``save_pretrained`` plus its tokenizer or processor.
 
     VLM presets get their family's real processor (byte tokenizer + the family's image processor, PIL backend):
-    ``LlavaProcessor``, ``Idefics3Processor`` (image splitting into tiles), ``Qwen2VLProcessor`` (dynamic
-    resolution; only where torchvision is installed, else the tokenizer alone). Every tokenizer and processor has
-    the presets' ChatML-like chat template, rendering an image part as the family's image placeholder.
+    ``LlavaProcessor``, ``Idefics3Processor`` (image splitting into tiles), ``Qwen2VLProcessor`` and
+    ``Qwen3VLProcessor`` (dynamic resolution; only where torchvision is installed, else the tokenizer alone).
+    Every tokenizer and processor has the presets' ChatML-like chat template, rendering an image part as the
+    family's image placeholder.
 
     Idempotent and safe under concurrency: the folder is built in a temporary sibling
     and renamed into place, so a reader sees either nothing or a complete folder.
@@ -138,7 +147,7 @@ def materialize_preset(name: str, root: str | Path) -> Path:
         processor = make(model.config) if make else None
         (processor or build_byte_tokenizer()).save_pretrained(tmp)
         (tmp / _COMPLETE).write_text(name + "\n")
-        if (target / _STALE).exists() and not (target / _COMPLETE).exists():
+        if any((target / m).exists() for m in _STALE) and not (target / _COMPLETE).exists():
             _retire(target)  # ours, from before chat templates: replaced, not trusted
         if target.exists() and not (target / _COMPLETE).exists():
             # Not written by us (our folders appear whole, marker included): never delete it.
@@ -348,8 +357,9 @@ def meta_model(spec: str, trust_remote_code: bool = False, attn_implementation: 
 def load_processor(path: str, trust_remote_code: bool = False):
     """Returns ``AutoProcessor`` for a VLM, ``AutoTokenizer`` for a text model.
 
-    A VLM folder that holds only a tokenizer (``tiny-qwen2-vl``, ``tiny-idefics3``) falls
-    back to its tokenizer, with a warning: such a model can then train on text only.
+    A VLM folder that holds only a tokenizer (a checkpoint saved without its processor; ``tiny-qwen2-vl`` and
+    ``tiny-qwen3-vl`` materialized without torchvision) falls back to its tokenizer, with a warning: such a model
+    can then train on text only.
     """
     from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 

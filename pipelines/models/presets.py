@@ -84,6 +84,23 @@ def tiny_qwen2_vl() -> tf.PretrainedConfig:
     )
 
 
+def tiny_qwen3_vl() -> tf.PretrainedConfig:
+    # Qwen3-VL: 16-px patches (as the hub's), a learned position grid, and DeepStack: the merged features of
+    # vision blocks 0 and 1 are also added to the LLM's hidden states after its first two layers
+    text = _llama_text(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 5e5,
+                                                     "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    return tf.Qwen3VLConfig(
+        text_config=text,
+        vision_config=dict(depth=2, hidden_size=48, intermediate_size=96, num_heads=4, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
+        image_token_id=VOCAB_SIZE - 1,
+        video_token_id=VOCAB_SIZE - 2,
+        vision_start_token_id=VOCAB_SIZE - 3,
+        vision_end_token_id=VOCAB_SIZE - 4,
+    )
+
+
 def tiny_idefics3() -> tf.PretrainedConfig:
     return tf.Idefics3Config(
         text_config=dict(model_type="llama", **_llama_text()),
@@ -104,6 +121,7 @@ PRESETS: dict[str, tuple[Callable[[], tf.PretrainedConfig], str]] = {
     "tiny-bert": (tiny_bert, "BertForSequenceClassification"),
     "tiny-llava": (tiny_llava, "LlavaForConditionalGeneration"),
     "tiny-qwen2-vl": (tiny_qwen2_vl, "Qwen2VLForConditionalGeneration"),
+    "tiny-qwen3-vl": (tiny_qwen3_vl, "Qwen3VLForConditionalGeneration"),
     "tiny-idefics3": (tiny_idefics3, "Idefics3ForConditionalGeneration"),
 }
 

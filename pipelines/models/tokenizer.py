@@ -7,7 +7,8 @@ Layout of the 384 ids (``presets.VOCAB_SIZE``):
     339..375  <row_R_col_C> (R, C in 1..6) and <end_of_utterance>: Idefics3's tile and turn tokens
     376..377  <|im_start|> <|im_end|>  (turn markers of the presets' ChatML-like chat template)
     378..382  named multimodal specials (Idefics3 / Qwen2-VL style), unused by tiny-llava
-    383       <image>   (= presets.tiny_llava().image_token_index)
+    383       <image>   (= presets.tiny_llava().image_token_index); spelled <|image_pad|> for the Qwen-VL presets,
+              as the family's hub tokenizers spell it (their processors look for that name)
 
 bos/eos ids 1/2 match the Llama-family config defaults used by the presets.
 """
@@ -21,6 +22,7 @@ from pipelines.models.presets import VOCAB_SIZE
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 IMAGE_TOKEN = "<image>"
+QWEN_IMAGE_TOKEN = "<|image_pad|>"
 IMAGE_TOKEN_ID = VOCAB_SIZE - 1
 # Ids 378..382 carry names other VLM families expect; their presets point at 380..383.
 _NAMED_TAIL = ["<global-img>", "<fake_token_around_image>", "<|vision_end|>", "<|vision_start|>", "<|video_pad|>"]
@@ -49,7 +51,7 @@ def chat_template(image: str = IMAGE_TOKEN) -> str:
     )
 
 
-def _vocab() -> dict[str, int]:
+def _vocab(image_token: str = IMAGE_TOKEN) -> dict[str, int]:
     vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK])}
     # One token per byte, spelled in the ByteLevel pre-tokenizer's alphabet.
     for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet(), key=_byte_of)):
@@ -63,7 +65,7 @@ def _vocab() -> dict[str, int]:
         vocab[tok] = first_middle + i
     for i, tok in enumerate(_NAMED_TAIL):
         vocab[tok] = first_named + i
-    vocab[IMAGE_TOKEN] = IMAGE_TOKEN_ID
+    vocab[image_token] = IMAGE_TOKEN_ID
     assert len(vocab) == VOCAB_SIZE and sorted(vocab.values()) == list(range(VOCAB_SIZE))
     return vocab
 
@@ -88,13 +90,14 @@ def _bytes_to_unicode() -> dict[int, str]:
 _BYTE_OF = {ch: b for b, ch in _bytes_to_unicode().items()}
 
 
-def build_byte_tokenizer(image_placeholder: str = IMAGE_TOKEN) -> PreTrainedTokenizerFast:
+def build_byte_tokenizer(image_placeholder: str = IMAGE_TOKEN,
+                         image_token: str = IMAGE_TOKEN) -> PreTrainedTokenizerFast:
     """Returns a ``PreTrainedTokenizerFast`` over bytes: bos is prepended by ``add_special_tokens``, eos is not.
 
-    ``<image>`` encodes to the single id 383; every other string encodes to its UTF-8 bytes. Its chat template
+    ``image_token`` encodes to the single id 383; every other string encodes to its UTF-8 bytes. Its chat template
     (:func:`chat_template`) renders an image part as ``image_placeholder``.
     """
-    vocab = _vocab()
+    vocab = _vocab(image_token)
     # BPE with no merges = one token per byte; multi-character vocab entries are only reachable
     # as added (special) tokens, which the tokenizer matches before byte splitting.
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
@@ -103,11 +106,11 @@ def build_byte_tokenizer(image_placeholder: str = IMAGE_TOKEN) -> PreTrainedToke
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
-    specials = [PAD, BOS, EOS, UNK, IMAGE_TOKEN, *_NAMED_TAIL, *_IDEFICS3_TOKENS, *_CHAT_TOKENS]
+    specials = [PAD, BOS, EOS, UNK, image_token, *_NAMED_TAIL, *_IDEFICS3_TOKENS, *_CHAT_TOKENS]
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
-        additional_special_tokens=[IMAGE_TOKEN, *_NAMED_TAIL, *_IDEFICS3_TOKENS, *_CHAT_TOKENS],
+        additional_special_tokens=[image_token, *_NAMED_TAIL, *_IDEFICS3_TOKENS, *_CHAT_TOKENS],
         model_input_names=["input_ids", "attention_mask"],
         padding_side="right",
         clean_up_tokenization_spaces=False,

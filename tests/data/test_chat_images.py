@@ -1,5 +1,6 @@
 """Chat records with images of different sizes through the presets' real processors (LLaVA: fixed 3x32x32;
-Idefics3: a varying number of tiles), batched as each processor batches, and learned by the real tiny models."""
+Idefics3: a varying number of tiles; Qwen2-VL and Qwen3-VL: dynamic resolution, a varying number of patches and a
+(t, h, w) grid per image), batched as each processor batches, and learned by the real tiny models."""
 
 from __future__ import annotations
 
@@ -12,17 +13,19 @@ from PIL import Image
 
 from pipelines.config.data import DataConfig, DataError
 from pipelines.data.dataset import IGNORE_INDEX, collate, load_datasets, pad_token_id
-from pipelines.models.loading import load_model, load_processor, materialize_preset
+from pipelines.models.loading import load_model, load_processor
 
 SIZES = [(20, 12), (64, 30), (40, 64), (33, 33)]
 COLOURS = ["red", "green", "blue", "white"]
 RGB = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "white": (250, 250, 250)}
+VLM = ["tiny-llava", "tiny-idefics3", "tiny-qwen2-vl", "tiny-qwen3-vl"]
+QWEN = {"tiny-qwen2-vl", "tiny-qwen3-vl"}
 
 
 @pytest.fixture(scope="module")
-def vlm_dirs(tmp_path_factory):
+def vlm_dirs(tmp_path_factory, materialize_vlm):
     root = tmp_path_factory.mktemp("vlm-models")
-    return {name: str(materialize_preset(name, root)) for name in ("tiny-llava", "tiny-idefics3")}
+    return {name: materialize_vlm(name, root) for name in VLM}
 
 
 def chat_data(folder: Path, n: int) -> str:
@@ -46,7 +49,7 @@ def chat_data(folder: Path, n: int) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-idefics3"])
+@pytest.mark.parametrize("preset", VLM)
 def test_image_chat_labels_batches_and_learns(tmp_path, vlm_dirs, preset):
     proc = load_processor(vlm_dirs[preset])
     train = chat_data(tmp_path / "data", 8)
@@ -61,6 +64,13 @@ def test_image_chat_labels_batches_and_learns(tmp_path, vlm_dirs, preset):
         assert not (learned & (ex["input_ids"] == proc.image_token_id)).any()
     if preset == "tiny-idefics3":  # tiles: the images' sizes decide how many each record has
         assert len({ex["pixel_values"].shape[1] for ex in examples}) > 1
+    elif preset in QWEN:  # patches: one grid row per image, the images' sizes decide its h and w
+        assert [ex["image_grid_thw"].shape[0] for ex in examples[:2]] == [1, 2]
+        assert len({tuple(grid.tolist()) for ex in examples for grid in ex["image_grid_thw"]}) > 1
+        for ex in examples:
+            assert ex["pixel_values"].shape[0] == int(ex["image_grid_thw"].prod(dim=1).sum())
+            merged = ex["image_grid_thw"].prod(dim=1).sum() // 4  # one image token per 2x2 patches
+            assert int((ex["input_ids"] == proc.image_token_id).sum()) == merged
     else:
         assert [ex["pixel_values"].shape[0] for ex in examples[:2]] == [1, 2]
 
@@ -69,6 +79,12 @@ def test_image_chat_labels_batches_and_learns(tmp_path, vlm_dirs, preset):
     if preset == "tiny-idefics3":
         assert batch["pixel_values"].shape[:2] == (4, max(ex["pixel_values"].shape[1] for ex in examples[:4]))
         assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "pixel_attention_mask"}
+    elif preset in QWEN:  # patches concatenated, grid rows stacked in record order, token types padded per token
+        assert torch.equal(batch["pixel_values"], torch.cat([ex["pixel_values"] for ex in examples[:4]]))
+        assert torch.equal(batch["image_grid_thw"], torch.cat([ex["image_grid_thw"] for ex in examples[:4]]))
+        assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw",
+                              "mm_token_type_ids"}
+        assert batch["mm_token_type_ids"].shape == batch["input_ids"].shape
     else:
         assert batch["pixel_values"].shape == (6, 3, 32, 32)  # 1 + 2 + 1 + 2 images, concatenated
         assert image_slots == 6 * 17
@@ -106,37 +122,6 @@ def test_cutting_image_tokens_is_refused(tmp_path, vlm_dirs):
         load_datasets(cfg, proc, seed=0)
 
 
-def test_qwen2_vl_patches_and_grids_batch_as_the_model_expects():
-    """Qwen2-VL's image processor (dynamic resolution) on images of different sizes, merged by collate: patches
-    concatenated, grid rows stacked; the real tiny model takes the batch. (Its full processor needs torchvision.)"""
-    import transformers as tf
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from pipelines.models import presets
-
-    config = presets.tiny_qwen2_vl()
-    vision = config.vision_config
-    images = Qwen2VLImageProcessorPil(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
-                                      temporal_patch_size=vision.temporal_patch_size, min_pixels=64, max_pixels=1024)
-    examples = []
-    for size in [(16, 8), (32, 24)]:
-        out = images(images=[Image.new("RGB", size, (200, 10, 10))], return_tensors="pt")
-        slots = int(out["image_grid_thw"][0].prod()) // vision.spatial_merge_size**2
-        ids = torch.tensor([1, config.vision_start_token_id] + [config.image_token_id] * slots +
-                           [config.vision_end_token_id, 10, 11, 12])
-        examples.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
-                         "mm_token_type_ids": (ids == config.image_token_id).long(),  # per token: padded
-                         "pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]})
-    assert examples[0]["pixel_values"].shape[0] != examples[1]["pixel_values"].shape[0]
-    batch = collate(examples, pad_token_id=0)
-    assert batch["pixel_values"].shape[0] == sum(ex["pixel_values"].shape[0] for ex in examples)
-    assert batch["image_grid_thw"].tolist() == [ex["image_grid_thw"][0].tolist() for ex in examples]
-    assert batch["mm_token_type_ids"].shape == batch["input_ids"].shape
-    torch.manual_seed(0)
-    loss = tf.Qwen2VLForConditionalGeneration(config)(**batch).loss
-    assert torch.isfinite(loss)
-
-
 def mixed_chat_data(folder: Path, n: int) -> str:
     """Messages records, every other one text-only (no image part): a chat file mixing both."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -157,7 +142,7 @@ def mixed_chat_data(folder: Path, n: int) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-idefics3"])
+@pytest.mark.parametrize("preset", VLM)
 def test_chat_file_mixing_image_and_text_only_records(tmp_path, vlm_dirs, preset):
     """Text-only records in a file with image records: no image tensors of their own, cached and read back as
     such, and batched with image records so that every row of the batch gets exactly what it gets alone."""
@@ -179,7 +164,8 @@ def test_chat_file_mixing_image_and_text_only_records(tmp_path, vlm_dirs, preset
 
     batch = collate(cached[:4], pad_token_id(proc))  # image, text, image, text
     assert batch["input_ids"].shape[0] == 4
-    assert batch["pixel_values"].shape[0] == 2  # the two image records' images (LLaVA) / rows (Idefics3) only
+    # the two image records' images (LLaVA), rows (Idefics3) or patches (Qwen) only
+    assert torch.equal(batch["pixel_values"], torch.cat([cached[0]["pixel_values"], cached[2]["pixel_values"]]))
 
     model = load_model(vlm_dirs[preset]).eval()
     with torch.no_grad():

@@ -1,15 +1,12 @@
 """Chat (`messages`) records with images of different sizes, fine-tuned end to end: `run_training` on Ray Train with
-MLflow, for each VLM preset that has a real processor here, under the VLM strategies A (connector only),
+MLflow, for each VLM preset (LLaVA: fixed 32x32 images; Idefics3: a varying number of tiles; Qwen2-VL and Qwen3-VL:
+dynamic resolution, a varying number of patches and a grid per image), under the VLM strategies A (connector only),
 B (connector + LLM LoRA) and E (full). The eval loss (as logged in MLflow) must fall from epoch 1 to epoch 2.
 
-Cost: 6 fits of ~45-70 s each on 2 cores, nearly all of it Ray Train start-up (an epoch computes in under 1 s).
+Cost: 12 fits of ~45-70 s each on 2 cores, nearly all of it Ray Train start-up (an epoch computes in under 1 s).
 One worker per fit: two (DDP over gloo) passed too when tried (24 train records), ~20 s more per fit. The tiny LLMs are random, so
 strategy A (only the connector learns: it can move nothing but the image slots' embeddings) lowers the eval loss
 by ~0.01-0.02 only; the runs are seeded, on CPU, and that fall is the same every time.
-
-tiny-qwen2-vl is left out: transformers builds its processor (Qwen2VLProcessor) only with its video processor,
-which needs torchvision, and torchvision is not installed here (``materialize_preset`` saves its tokenizer alone,
-so it cannot read image records). ``tests/data/test_chat_images.py`` batches its image processor's output instead.
 """
 
 from __future__ import annotations
@@ -26,8 +23,10 @@ from pipelines.config.run import run_config_from_dict
 pytestmark = pytest.mark.slow  # real Ray Train and MLflow
 
 RGB = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
-# Idefics3 splits an image longer than 32 px into 32-px tiles (+ the whole image): 3 or 5 images per record here
+# Idefics3 splits an image longer than 32 px into 32-px tiles (+ the whole image): 3 or 5 images per record here;
+# Qwen2-VL's 4-px patches give 1 to 16 image tokens an image, Qwen3-VL's 16-px ones 1 to 4
 SIZES = [(16, 16), (40, 20), (20, 48), (64, 64), (30, 12), (12, 30), (24, 40), (48, 24)]
+PRESETS = ["tiny-llava", "tiny-idefics3", "tiny-qwen2-vl", "tiny-qwen3-vl"]
 STRATEGIES = {
     "A": {"name": "connector_only", "lr": 1e-2},
     "B": {"name": "connector_llm_lora", "lr": 5e-3, "lora_r": 8, "lora_alpha": 16},
@@ -58,14 +57,12 @@ def chat_files(workdir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def vlm_dirs(workdir) -> dict:
-    from pipelines.models.loading import materialize_preset
-
-    return {name: str(materialize_preset(name, workdir / "models")) for name in ("tiny-llava", "tiny-idefics3")}
+def vlm_dirs(workdir, materialize_vlm) -> dict:
+    return {name: materialize_vlm(name, workdir / "models") for name in PRESETS}
 
 
 @pytest.mark.parametrize("letter", list(STRATEGIES))
-@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-idefics3"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_chat_vlm_fine_tunes_with_strategy(ray_session, workdir, chat_files, vlm_dirs, preset, letter):
     from pipelines.jobs.train import run_training
 

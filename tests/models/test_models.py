@@ -117,11 +117,35 @@ def test_model_classes_follow_the_config(tmp_path):
 
 
 def test_vlm_without_processor_falls_back_to_tokenizer(tmp_path, caplog):
-    path = resolve_model_path("tiny-qwen2-vl", tmp_path)
+    """A VLM checkpoint saved with its tokenizer and no processor files (as some training scripts leave them) loads
+    its tokenizer, with a warning, instead of failing inside AutoProcessor."""
+    folder = tmp_path / "qwen2-vl-no-processor"
+    presets.build_preset("tiny-qwen2-vl").save_pretrained(folder)
+    build_byte_tokenizer().save_pretrained(folder)
     with caplog.at_level(logging.WARNING):
-        proc = load_processor(path)
+        proc = load_processor(str(folder))
     assert isinstance(proc, tf.PreTrainedTokenizerBase)
     assert "tokenizer only" in caplog.text
+
+
+@pytest.mark.parametrize("preset, processor_class, patch", [
+    ("tiny-qwen2-vl", "Qwen2VLProcessor", 4), ("tiny-qwen3-vl", "Qwen3VLProcessor", 16)])
+def test_qwen_vl_presets_have_their_real_processor(tmp_path, materialize_vlm, preset, processor_class, patch):
+    """Dynamic resolution: each image becomes (patches, 3 * 2 * p * p) rows and a (t, h, w) grid, h and w following
+    its size; the processor writes one image token per 2x2 merged patches, the count the model's encoder returns."""
+    path = materialize_vlm(preset, tmp_path)
+    model, proc = load_model(path), load_processor(path)
+    assert type(proc).__name__ == processor_class
+    assert proc.image_token_id == model.config.image_token_id == presets.VOCAB_SIZE - 1
+    images = [Image.new("RGB", (2 * patch * 2, patch * 2), "red"), Image.new("RGB", (patch * 2, 4 * patch * 2), "blue")]
+    text = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}],
+                                     tokenize=False)] * 2
+    out = proc(text=text, images=[[images[0]], [images[1]]], return_tensors="pt", padding=True)
+    assert out["image_grid_thw"].tolist() == [[1, 2, 4], [1, 8, 2]]  # (t, h, w) in patches: 1 frame, rows x columns
+    assert out["pixel_values"].shape == (8 + 16, 3 * 2 * patch * patch)
+    assert (out["input_ids"] == proc.image_token_id).sum(dim=1).tolist() == [2, 4]  # patches / (2 x 2)
+    loss = model(**out, labels=out["input_ids"]).loss
+    assert torch.isfinite(loss)
 
 
 def test_resolve_model_path(tmp_path, model_dirs):

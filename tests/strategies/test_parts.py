@@ -51,6 +51,13 @@ LAYOUTS: dict[str, dict] = {
         norm=["model.language_model.norm"], head=["lm_head"], connector=["model.visual.merger"],
         vision_blocks="model.visual.blocks", V=2, vision_embeddings=["model.visual.patch_embed"], vision_norm=[],
     ),
+    "tiny-qwen3-vl": dict(  # DeepStack: the merger and the per-block mergers all project to the LLM's width
+        blocks="model.language_model.layers", L=4, embeddings=["model.language_model.embed_tokens"],
+        norm=["model.language_model.norm"], head=["lm_head"],
+        connector=["model.visual.merger", "model.visual.deepstack_merger_list"],
+        vision_blocks="model.visual.blocks", V=2,
+        vision_embeddings=["model.visual.patch_embed", "model.visual.pos_embed"], vision_norm=[],
+    ),
     "tiny-idefics3": dict(
         blocks="model.text_model.layers", L=4, embeddings=["model.text_model.embed_tokens"],
         norm=["model.text_model.norm"], head=["lm_head"], connector=["model.connector"],
@@ -59,10 +66,11 @@ LAYOUTS: dict[str, dict] = {
     ),
 }
 TEXT = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2", "tiny-bert"]
-VLM = ["tiny-llava", "tiny-qwen2-vl", "tiny-idefics3"]
+VLM = ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-idefics3"]
 assert set(LAYOUTS) == set(PRESETS), "a preset was added: give it a layout here"
 
-VISION_ROOT = {"tiny-llava": "model.vision_tower", "tiny-qwen2-vl": "model.visual", "tiny-idefics3": "model.vision_model"}
+VISION_ROOT = {"tiny-llava": "model.vision_tower", "tiny-qwen2-vl": "model.visual", "tiny-qwen3-vl": "model.visual",
+               "tiny-idefics3": "model.vision_model"}
 
 
 def numel_of(model: nn.Module, paths) -> int:
@@ -175,6 +183,20 @@ def test_qwen2_vl_connector_is_the_merger_inside_visual(models):
     visual_all = {f"model.visual.{n}" for n, _ in model.model.visual.named_parameters()}
     assert vision == visual_all - merger
     assert parts.vision_root == "model.visual"
+
+
+def test_qwen3_vl_connector_is_the_merger_and_the_deepstack_mergers(models):
+    """Qwen3-VL's DeepStack mergers project vision blocks' features to the LLM's width, as the merger does: both
+    are the connector (strategy A trains them); the blocks, patch and position embeddings are the encoder."""
+    model = models("tiny-qwen3-vl")
+    parts = find_parts(model)
+    visual = model.model.visual
+    mergers = {f"model.visual.merger.{n}" for n, _ in visual.merger.named_parameters()}
+    mergers |= {f"model.visual.deepstack_merger_list.{n}" for n, _ in visual.deepstack_merger_list.named_parameters()}
+    assert len(visual.deepstack_merger_list) == 2
+    assert {n for n, u in parts.unit_of.items() if u == "connector"} == mergers
+    vision = {n for n, u in parts.unit_of.items() if u.startswith("vision")}
+    assert vision == {f"model.visual.{n}" for n, _ in visual.named_parameters()} - mergers
 
 
 def test_idefics3_parts(models):

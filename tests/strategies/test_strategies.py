@@ -52,6 +52,13 @@ LAYOUTS: dict[str, dict] = {
         vision_root="model.visual", vision_blocks="model.visual.blocks", V=2,
         vision_embeddings=["model.visual.patch_embed"], vision_norm=[],
     ),
+    "tiny-qwen3-vl": dict(
+        blocks="model.language_model.layers", L=4, embeddings=["model.language_model.embed_tokens"],
+        norm=["model.language_model.norm"], head=["lm_head"],
+        connector=["model.visual.merger", "model.visual.deepstack_merger_list"],
+        vision_root="model.visual", vision_blocks="model.visual.blocks", V=2,
+        vision_embeddings=["model.visual.patch_embed", "model.visual.pos_embed"], vision_norm=[],
+    ),
     "tiny-idefics3": dict(
         blocks="model.text_model.layers", L=4, embeddings=["model.text_model.embed_tokens"],
         norm=["model.text_model.norm"], head=["lm_head"], connector=["model.connector"],
@@ -60,7 +67,7 @@ LAYOUTS: dict[str, dict] = {
     ),
 }
 TEXT = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2", "tiny-bert"]
-VLM = ["tiny-llava", "tiny-qwen2-vl", "tiny-idefics3"]
+VLM = ["tiny-llava", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-idefics3"]
 ALL = TEXT + VLM
 assert set(ALL) == set(PRESETS)
 PEFT_PREFIX = "base_model.model."
@@ -242,7 +249,7 @@ def test_connector_only_A(models, preset):
     plan = build_plan(model, {"name": "connector_only"})
     check_trains(model, lay, ["connector"], lay["connector"])
     assert plan.summary()["letter"] == "A"
-    if preset == "tiny-qwen2-vl":  # the merger trains, the rest of visual does not
+    if preset in ("tiny-qwen2-vl", "tiny-qwen3-vl"):  # the merger trains, the rest of visual does not
         assert all(p.requires_grad for p in model.model.visual.merger.parameters())
         assert not any(p.requires_grad for p in model.model.visual.blocks.parameters())
 

@@ -20,14 +20,17 @@ from pipelines.training.checkpoints import WEIGHTS, save_final_model
 from strategies.lora import modules_to_save
 from strategies.plan import build_plan
 
-CONNECTOR = {"tiny-llava": "model.multi_modal_projector", "tiny-qwen2-vl": "model.visual.merger",
-             "tiny-idefics3": "model.connector"}
+CONNECTOR = {"tiny-llava": ["model.multi_modal_projector"], "tiny-qwen2-vl": ["model.visual.merger"],
+             # DeepStack's mergers: a ModuleList, which peft cannot wrap, so named one by one
+             "tiny-qwen3-vl": ["model.visual.deepstack_merger_list.0", "model.visual.deepstack_merger_list.1",
+                               "model.visual.merger"],
+             "tiny-idefics3": ["model.connector"]}
 
 
 @pytest.fixture(scope="module")
 def preset_dirs(workdir) -> dict:
     return {name: str(materialize_preset(name, workdir / "models"))
-            for name in ("tiny-llama", "tiny-llava", "tiny-qwen2-vl", "tiny-idefics3")}
+            for name in ("tiny-llama", *CONNECTOR)}
 
 
 def auto_class(name: str):
@@ -64,7 +67,7 @@ def logits(model, batch) -> torch.Tensor:
 # --- adapters: LoRA + every fully trained module, in one peft folder -------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-qwen2-vl", "tiny-idefics3"])
+@pytest.mark.parametrize("preset", list(CONNECTOR))
 @pytest.mark.parametrize("strategy", ["connector_llm_lora", "all_lora"])
 def test_lora_adapter_folder_loads_completely_with_plain_peft(tmp_path, preset_dirs, preset, strategy):
     path = preset_dirs[preset]
@@ -75,7 +78,7 @@ def test_lora_adapter_folder_loads_completely_with_plain_peft(tmp_path, preset_d
 
     meta = save_final_model(tmp_path / "final", plan, None, merged=False)
     config = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
-    assert config["modules_to_save"] == [CONNECTOR[preset]] == meta["modules_to_save"]
+    assert sorted(config["modules_to_save"]) == sorted(CONNECTOR[preset]) == sorted(meta["modules_to_save"])
     assert meta["format"] == "peft" and meta["bare_params"] == [] and meta["not_for_loading"] == [WEIGHTS]
     # everything that trained is in the adapter file, under peft's names (LoRA: without the adapter name)
     saved = load_file(str(tmp_path / "final" / "adapter_model.safetensors"))
@@ -85,12 +88,13 @@ def test_lora_adapter_folder_loads_completely_with_plain_peft(tmp_path, preset_d
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "final"))
     torch.testing.assert_close(logits(loaded, batch), want, atol=1e-5, rtol=0)
     # the connector peft uses is the trained one, not the base model's
-    wrapper = loaded.get_submodule("base_model.model." + CONNECTOR[preset])
-    active = wrapper.modules_to_save["default"]
-    for rel, param in active.named_parameters():
-        name = f"base_model.model.{CONNECTOR[preset]}.{rel}"
-        torch.testing.assert_close(param.detach(), trained[name], atol=0, rtol=0)
-        assert not torch.equal(wrapper.original_module.get_parameter(rel), trained[name])
+    for connector in CONNECTOR[preset]:
+        wrapper = loaded.get_submodule("base_model.model." + connector)
+        active = wrapper.modules_to_save["default"]
+        for rel, param in active.named_parameters():
+            name = f"base_model.model.{connector}.{rel}"
+            torch.testing.assert_close(param.detach(), trained[name], atol=0, rtol=0)
+            assert not torch.equal(wrapper.original_module.get_parameter(rel), trained[name])
 
 
 def test_without_modules_to_save_peft_would_drop_the_connector(tmp_path, preset_dirs):

@@ -181,6 +181,45 @@ def test_vision_blocks_of_a_vlm_through_the_full_loss(model_dirs, demo_files, wo
     assert {"language model (4 blocks)", "vision encoder (3 blocks)"} <= titles
 
 
+def test_qwen3_vl_vision_blocks_on_chat_images_of_different_sizes(workdir, tmp_path, materialize_vlm):
+    """Dynamic resolution end to end through the analysis: messages records whose images differ in size, read by
+    the real Qwen3VLProcessor and batched (patches concatenated, grids stacked); every vision block is scored, and
+    zeroing a block's residual writes makes its ablation exactly 0 (DeepStack reads block outputs too)."""
+    import json
+
+    from PIL import Image
+
+    from pipelines.config.data import DataConfig
+    from pipelines.data.dataset import load_datasets, pad_token_id
+    from pipelines.models.loading import load_model, load_processor
+
+    path = materialize_vlm("tiny-qwen3-vl", workdir / "models")
+    processor, model = load_processor(path), load_model(path)
+    records = []
+    for i, (size, colour) in enumerate([((32, 32), "red"), ((64, 32), "blue"), ((32, 96), "green"), ((80, 80), "red")]):
+        Image.new("RGB", size, colour).save(tmp_path / f"{i}.png")
+        records.append({"messages": [
+            {"role": "user", "content": [{"type": "image", "image": f"{i}.png"}, {"type": "text", "text": "Colour?"}]},
+            {"role": "assistant", "content": colour}]})
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    examples, _ = load_datasets(DataConfig(train=str(tmp_path / "chat.jsonl"), eval_fraction=0,
+                                           cache_dir=str(tmp_path / "cache")), processor, seed=0)
+    assert len({tuple(ex["image_grid_thw"][0].tolist()) for ex in examples}) > 1
+    block = model.model.visual.blocks[1]
+    with torch.no_grad():
+        for linear in (block.attn.proj, block.mlp.linear_fc2):
+            linear.weight.zero_()
+            linear.bias.zero_()
+
+    batches = eval_batches(examples, 4, pad_token_id(processor), max_batches=1)
+    result = compute_importance(model, batches, measures=["ablation", "influence"], progress=False)
+
+    assert result.units == ["vision.block.0", "vision.block.1"] + [f"language.block.{i}" for i in range(4)]
+    assert result.scores["ablation"]["vision.block.1"] == 0.0
+    assert abs(result.scores["ablation"]["vision.block.0"]) > 1e-6, result.scores["ablation"]
+    assert all(math.isfinite(result.scores[m][u]) for m in ("ablation", "influence") for u in result.units)
+
+
 def test_settings_errors_name_the_field():
     with pytest.raises(ImportanceError, match=r"analysis.measures: unknown \['ablate'\]"):
         AnalysisSettings(measures=["ablate"]).validate()
