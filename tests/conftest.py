@@ -30,7 +30,7 @@ def materialize_vlm():
         if not (path / "processor_config.json").exists():
             pytest.fail(f"{name} was saved without its processor: transformers builds it only with torchvision. "
                         f"Install the torchvision matching torch (python3 -m pip install torch==2.14.1 "
-                        f"torchvision==0.29.1), then delete {path}.")
+                        f"torchvision==0.29.1); the preset folder is then rebuilt with it.")
         return str(path)
 
     return materialize

@@ -135,7 +135,7 @@ def materialize_preset(name: str, root: str | Path) -> Path:
         raise KeyError(f"unknown preset {name!r}; built-in presets: {', '.join(presets.PRESETS)}")
     root = Path(root)
     target = root / name
-    if (target / _COMPLETE).exists():
+    if (target / _COMPLETE).exists() and not _outdated(name, target):
         return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
@@ -147,8 +147,8 @@ def materialize_preset(name: str, root: str | Path) -> Path:
         processor = make(model.config) if make else None
         (processor or build_byte_tokenizer()).save_pretrained(tmp)
         (tmp / _COMPLETE).write_text(name + "\n")
-        if any((target / m).exists() for m in _STALE) and not (target / _COMPLETE).exists():
-            _retire(target)  # ours, from before chat templates: replaced, not trusted
+        if _outdated(name, target):
+            _retire(target)  # ours, but an older layout or without the processor: replaced, not trusted
         if target.exists() and not (target / _COMPLETE).exists():
             # Not written by us (our folders appear whole, marker included): never delete it.
             raise ModelLoadError(f"preset `{name}`: {target} exists but is not a materialized preset; "
@@ -162,6 +162,16 @@ def materialize_preset(name: str, root: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _outdated(name: str, target: Path) -> bool:
+    """An earlier layout of ours, or a Qwen-VL preset saved without its processor (torchvision was missing) where
+    transformers can build that processor now."""
+    from transformers.utils import is_torchvision_available
+
+    if not (target / _COMPLETE).exists():
+        return any((target / m).exists() for m in _STALE)
+    return name in _PRESET_PROCESSORS and not _has_processor_files(target) and is_torchvision_available()
 
 
 def _retire(folder: Path) -> None:

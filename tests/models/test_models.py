@@ -77,6 +77,20 @@ def test_materialize_refuses_a_foreign_folder(tmp_path):
     assert (tmp_path / "tiny-llama" / "mine.txt").exists()
 
 
+@pytest.mark.parametrize("layout", ["v2 marker", "no processor"])
+def test_materialize_replaces_an_outdated_preset_folder(tmp_path, layout):
+    """Ours but outdated: an earlier layout (Qwen's image token spelled <image>), or a Qwen-VL folder saved where
+    torchvision was missing (its tokenizer alone). Either is rebuilt with the processor once it can be built."""
+    path = tmp_path / "tiny-qwen2-vl"
+    path.mkdir()
+    (path / "old-weights.bin").write_text("x")
+    (path / (".freezetune-complete-v2" if layout == "v2 marker" else ".freezetune-complete-v3")).write_text("")
+    assert materialize_preset("tiny-qwen2-vl", tmp_path) == path
+    assert not (path / "old-weights.bin").exists()
+    assert isinstance(load_processor(str(path)), tf.Qwen2VLProcessor)
+    assert os.listdir(tmp_path) == ["tiny-qwen2-vl"]
+
+
 def test_tiny_llama_loads_through_from_pretrained(model_dirs):
     path = model_dirs["tiny-llama"]
     model, tok = load_model(path), load_processor(path)
